@@ -1,0 +1,278 @@
+"""The ``hpo`` command line: one function per verb, each calling plain library functions."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from service.errors import HPOError
+
+app = typer.Typer(
+    name="hpo",
+    help="Hyperparameter search over a PyTorch training schedule, tracked in MLflow.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+console = Console()
+err_console = Console(stderr=True)
+
+StorageOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--storage", help="Optuna storage URL (env HPO_STORAGE; default SQLite in $HPO_HOME)"
+    ),
+]
+TrackingOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--tracking-uri",
+        help="MLflow tracking URI (env MLFLOW_TRACKING_URI; default SQLite in $HPO_HOME)",
+    ),
+]
+
+
+def _settings(**overrides: Any):
+    from service.settings import Settings
+
+    return Settings(**{k: v for k, v in overrides.items() if v is not None})
+
+
+def _quiet_libraries() -> None:
+    """Keep library chatter (migrations, per-trial INFO lines) out of the progress display."""
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    for name in ("alembic", "mlflow", "urllib3"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    warnings.filterwarnings("ignore", module="mlflow")
+
+
+@app.command()
+def run(
+    experiment_file: Annotated[Path, typer.Argument(help="The experiment file (TOML)")],
+    study: Annotated[
+        str | None, typer.Option(help="Study name (default: the experiment's)")
+    ] = None,
+    trials: Annotated[
+        int | None, typer.Option(min=1, help="Trials to add (default: the experiment's)")
+    ] = None,
+    storage: StorageOpt = None,
+    tracking_uri: TrackingOpt = None,
+    device: Annotated[
+        str | None, typer.Option(help="auto (CUDA when present), cpu or cuda (env HPO_DEVICE)")
+    ] = None,
+    pack: Annotated[
+        int | None, typer.Option(min=1, help="Trials trained together (default: the experiment's)")
+    ] = None,
+) -> None:
+    """Run a study of EXPERIMENT_FILE: train trials, track them in MLflow, print the best."""
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+    from rich.progress import Progress as Bar
+
+    from service.experiment import load_experiment
+    from service.runner import run_study
+
+    experiment = load_experiment(experiment_file)
+    settings = _settings(storage=storage, tracking_uri=tracking_uri, device=device)
+    _quiet_libraries()
+
+    bar = Bar(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("trials  best {task.fields[best]}"),
+        TimeElapsedColumn(),
+        TextColumn("left"),
+        TimeRemainingColumn(),
+        console=console,
+        transient=False,
+    )
+    task = None
+
+    def started(report) -> None:
+        nonlocal task
+        console.print(
+            f"study [bold]{report.study_name}[/]: {report.trials_run} trials on {report.device}, "
+            f"{report.pack_size} at a time"
+        )
+        bar.start()
+        task = bar.add_task(report.study_name, total=report.trials_run, best="-")
+
+    def progressed(p) -> None:
+        best = f"{p.best_value:.5g}" if p.best_value is not None else "-"
+        bar.update(task, completed=p.done, best=best)
+
+    try:
+        report = run_study(
+            experiment,
+            settings=settings,
+            study_name=study,
+            n_trials=trials,
+            pack_size=pack,
+            on_progress=progressed,
+            on_start=started,
+        )
+    except KeyboardInterrupt:
+        bar.stop()
+        err_console.print("interrupted: the trials in training were marked failed")
+        raise typer.Exit(130) from None
+    finally:
+        bar.stop()
+
+    counts = ", ".join(f"{n} {s.lower()}" for s, n in sorted(report.counts.items())) or "no trials"
+    console.print(f"{report.trials_run} trials in {report.elapsed:.1f}s: {counts}")
+    if report.best is not None:
+        _print_best(report.best)
+    else:
+        console.print("no trial has completed yet")
+    default_tracking = settings.tracking_uri is None
+    console.print("\n[bold]Next[/]")
+    if default_tracking:
+        console.print("  browse the runs:   hpo ui            (MLflow UI at http://127.0.0.1:5000)")
+    else:
+        console.print(f"  browse the runs:   open {report.tracking_uri}")
+    flags = "" if settings.storage is None else " --storage URL"
+    console.print(f"  the best config:   hpo best {report.study_name}{flags} --json")
+    console.print(f"  every study:       hpo status{flags}")
+
+
+def _print_best(best: dict[str, Any]) -> None:
+    table = Table(title=f"best of {best['study']}: trial {best['trial_number']}", show_header=False)
+    table.add_row("value (ema_val_loss)", f"{best['value']:.6g}")
+    for name, value in best["params"].items():
+        table.add_row(name, f"{value:.6g}" if isinstance(value, float) else str(value))
+    table.add_row("mlflow_run_id", str(best["mlflow_run_id"]))
+    console.print(table)
+
+
+@app.command()
+def best(
+    study: Annotated[str, typer.Argument(help="Study name")],
+    storage: StorageOpt = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON")] = False,
+) -> None:
+    """Print the best config of STUDY."""
+    from service.studies import best_summary, load_study, open_storage
+
+    _quiet_libraries()
+    settings = _settings(storage=storage)
+    summary = best_summary(load_study(study, open_storage(settings.storage_url)))
+    if as_json:
+        typer.echo(json.dumps(summary))
+    else:
+        _print_best(summary)
+
+
+@app.command()
+def status(
+    study: Annotated[str | None, typer.Argument(help="One study (default: all)")] = None,
+    storage: StorageOpt = None,
+) -> None:
+    """Studies with their trials by state and the best value so far."""
+    from service.studies import open_storage, study_summaries
+
+    _quiet_libraries()
+    settings = _settings(storage=storage)
+    summaries = study_summaries(open_storage(settings.storage_url), study)
+    if not summaries:
+        console.print(f"no studies yet in {settings.storage_url}")
+        return
+    table = Table("study", "experiment", "complete", "pruned", "failed", "running", "best", "trial")
+    for s in summaries:
+        table.add_row(
+            s.name,
+            s.experiment or "-",
+            str(s.counts["COMPLETE"]),
+            str(s.counts["PRUNED"]),
+            str(s.counts["FAIL"]),
+            str(s.counts["RUNNING"] + s.counts["WAITING"]),
+            f"{s.best_value:.6g}" if s.best_value is not None else "-",
+            str(s.best_trial) if s.best_trial is not None else "-",
+        )
+    console.print(table)
+
+
+@app.command()
+def ui(
+    port: Annotated[int | None, typer.Option(help="Port (env HPO_UI_PORT; default 5000)")] = None,
+    host: Annotated[
+        str | None, typer.Option(help="Interface to bind (default 127.0.0.1: this machine only)")
+    ] = None,
+    tracking_uri: TrackingOpt = None,
+) -> None:
+    """Start the MLflow server and UI on the configured tracking database."""
+    settings = _settings(ui_port=port, ui_host=host, tracking_uri=tracking_uri)
+    if settings.tracking.startswith(("http://", "https://")):
+        raise HPOError(f"tracking goes to a server already: open {settings.tracking} in a browser")
+    settings.home.mkdir(parents=True, exist_ok=True)
+    command = [
+        sys.executable,
+        "-m",
+        "mlflow",
+        "server",
+        "--backend-store-uri",
+        settings.tracking,
+        "--default-artifact-root",
+        settings.artifacts_dir.as_uri(),
+        "--host",
+        settings.ui_host,
+        "--port",
+        str(settings.ui_port),
+    ]
+    console.print(f"MLflow UI at http://{settings.ui_host}:{settings.ui_port}  (Ctrl-C stops it)")
+    try:
+        code = subprocess.call(command)
+    except KeyboardInterrupt:
+        code = 0
+    raise typer.Exit(code)
+
+
+def main() -> None:
+    """Entry point: errors become one line on stderr and a non-zero exit code."""
+    try:
+        code = app(standalone_mode=False)
+    except HPOError as exc:
+        err_console.print(f"[red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        sys.exit(exc.exit_code)
+    except typer.Exit as exc:
+        sys.exit(exc.exit_code)
+    except typer.Abort:
+        sys.exit(1)
+    except Exception as exc:  # the CLI boundary: never a traceback unless asked for
+        if os.environ.get("HPO_DEBUG"):
+            raise
+        import click
+
+        if isinstance(exc, click.ClickException):
+            exc.show()
+            sys.exit(exc.exit_code)
+        message = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        err_console.print(
+            f"[red]error:[/] {type(exc).__name__}: {message} (set HPO_DEBUG=1 for the traceback)",
+            highlight=False,
+            soft_wrap=True,
+        )
+        sys.exit(1)
+    sys.exit(code if isinstance(code, int) else 0)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,51 @@
+"""The service's settings: command-line flags, then environment variables, then defaults."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import AliasChoices, Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+__all__ = ["Settings"]
+
+
+class Settings(BaseSettings):
+    """Where studies, runs and artifacts live.
+
+    Every default is embedded: SQLite files under ``home`` (``$HPO_HOME``, default ``./.hpo``),
+    so nothing needs a server. ``MLFLOW_TRACKING_URI`` is honoured as MLflow users expect;
+    everything else reads ``HPO_*``.
+    """
+
+    model_config = SettingsConfigDict(env_prefix="HPO_", populate_by_name=True, extra="ignore")
+
+    home: Path = Path(".hpo")
+    storage: str | None = Field(
+        default=None, description="Optuna storage: any SQLAlchemy URL (default: SQLite in home)"
+    )
+    tracking_uri: str | None = Field(
+        default=None,
+        validation_alias=AliasChoices("tracking_uri", "MLFLOW_TRACKING_URI", "HPO_TRACKING_URI"),
+        description="MLflow tracking URI (default: SQLite in home)",
+    )
+    device: str = "auto"
+    ui_host: str = "127.0.0.1"
+    ui_port: int = 5000
+
+    @property
+    def storage_url(self) -> str:
+        return self.storage or f"sqlite:///{self.home.resolve() / 'optuna.db'}"
+
+    @property
+    def tracking(self) -> str:
+        return self.tracking_uri or f"sqlite:///{self.home.resolve() / 'mlflow.db'}"
+
+    @property
+    def artifacts_dir(self) -> Path:
+        return self.home.resolve() / "artifacts"
+
+    def ensure_home(self) -> None:
+        """Create ``home`` when an embedded default needs it."""
+        if self.storage is None or self.tracking_uri is None:
+            self.home.mkdir(parents=True, exist_ok=True)

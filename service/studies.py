@@ -1,0 +1,182 @@
+"""Studies in Optuna's RDB storage: open or create one for an experiment, summarise, best."""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import optuna
+import sqlalchemy.exc
+from optuna.trial import FrozenTrial, TrialState
+from sqlalchemy.engine import make_url
+
+from service.errors import StudyError
+from service.experiment import KNOBS, Experiment
+from service.search import make_pruner, make_sampler
+
+__all__ = [
+    "ATTR_EXPERIMENT",
+    "ATTR_FINGERPRINT",
+    "StudySummary",
+    "best_summary",
+    "load_study",
+    "open_storage",
+    "open_study_for",
+    "safe_url",
+    "study_summaries",
+    "trial_summary",
+]
+
+ATTR_FINGERPRINT = "hpo.fingerprint"
+ATTR_EXPERIMENT = "hpo.experiment"
+ATTR_EXPERIMENT_NAME = "hpo.experiment_name"
+ATTR_EXPERIMENT_FILE = "hpo.experiment_file"
+ATTR_EXPERIMENT_TEXT = "hpo.experiment_toml"
+
+
+def safe_url(url: str) -> str:
+    """A storage URL fit to print: the password is masked."""
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except sqlalchemy.exc.ArgumentError:
+        return url
+
+
+def open_storage(url: str) -> optuna.storages.RDBStorage:
+    """Optuna's RDB storage at ``url``; connections are checked before use (``pool_pre_ping``)."""
+    engine_kwargs: dict[str, Any] = {}
+    if not url.startswith("sqlite"):
+        engine_kwargs["pool_pre_ping"] = True
+    try:
+        return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs)
+    except (sqlalchemy.exc.SQLAlchemyError, ValueError, ImportError) as exc:
+        detail = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
+        raise StudyError(f"cannot open the Optuna storage {safe_url(url)}: {detail}") from None
+
+
+def _differences(old: Any, new: Any, prefix: str = "") -> list[str]:
+    if isinstance(old, dict) and isinstance(new, dict):
+        keys = sorted(set(old) | set(new))
+        found: list[str] = []
+        for key in keys:
+            found += _differences(old.get(key), new.get(key), f"{prefix}{key}.")
+        return found
+    return [] if old == new else [prefix.rstrip(".")]
+
+
+def load_study(name: str, storage: optuna.storages.BaseStorage) -> optuna.Study:
+    """An existing study, or a :class:`StudyError` that lists the studies there are."""
+    try:
+        return optuna.load_study(study_name=name, storage=storage)
+    except KeyError:
+        names = optuna.get_all_study_names(storage)
+        known = ", ".join(sorted(names)) if names else "none yet"
+        raise StudyError(f"no study named {name!r} (studies: {known})") from None
+
+
+def open_study_for(
+    experiment: Experiment, *, name: str, storage: optuna.storages.BaseStorage
+) -> optuna.Study:
+    """The study ``name`` for this experiment: created if new, refused if it holds another one."""
+    knobs = experiment.knobs
+    if name in optuna.get_all_study_names(storage):
+        existing = optuna.load_study(study_name=name, storage=storage)
+        stored = existing.user_attrs.get(ATTR_FINGERPRINT)
+        if stored is None:
+            raise StudyError(
+                f"study {name!r} exists but was not created by hpo; choose another --study name"
+            )
+        if stored != experiment.fingerprint():
+            changed = _differences(
+                existing.user_attrs.get(ATTR_EXPERIMENT, {}), experiment.identity()
+            )
+            source = existing.user_attrs.get(ATTR_EXPERIMENT_FILE, "another file")
+            raise StudyError(
+                f"study {name!r} was created from a different experiment ({source}; differs in "
+                f"{', '.join(changed[:3]) or 'its settings'}); give a new --study name to start "
+                "another study"
+            )
+        return optuna.load_study(
+            study_name=name,
+            storage=storage,
+            sampler=make_sampler(experiment.search, knobs, seed_offset=len(existing.trials)),
+            pruner=make_pruner(experiment.search),
+        )
+    study = optuna.create_study(
+        study_name=name,
+        storage=storage,
+        direction="minimize",
+        sampler=make_sampler(experiment.search, knobs),
+        pruner=make_pruner(experiment.search),
+    )
+    source = experiment.source_path.name if experiment.source_path else "<text>"
+    study.set_user_attr(ATTR_FINGERPRINT, experiment.fingerprint())
+    study.set_user_attr(ATTR_EXPERIMENT, experiment.identity())
+    study.set_user_attr(ATTR_EXPERIMENT_NAME, experiment.name or experiment.default_study_name)
+    study.set_user_attr(ATTR_EXPERIMENT_FILE, source)
+    if experiment.source_text is not None:
+        study.set_user_attr(ATTR_EXPERIMENT_TEXT, experiment.source_text)
+    return study
+
+
+def trial_summary(study_name: str, trial: FrozenTrial) -> dict[str, Any]:
+    """The fields of ``hpo best --json`` for one trial."""
+    return {
+        "study": study_name,
+        "trial_number": trial.number,
+        "value": trial.value,
+        "params": {name: trial.params[name] for name in KNOBS if name in trial.params},
+        "mlflow_run_id": trial.user_attrs.get("mlflow_run_id"),
+    }
+
+
+def best_summary(study: optuna.Study) -> dict[str, Any]:
+    """The best trial of ``study``, or a :class:`StudyError` when no trial has finished."""
+    try:
+        best = study.best_trial
+    except ValueError:
+        counts = Counter(t.state.name for t in study.get_trials(deepcopy=False))
+        seen = ", ".join(f"{n} {state.lower()}" for state, n in sorted(counts.items()))
+        raise StudyError(
+            f"study {study.study_name!r} has no completed trial yet ({seen or 'no trials'})"
+        ) from None
+    return trial_summary(study.study_name, best)
+
+
+@dataclass(frozen=True)
+class StudySummary:
+    name: str
+    experiment: str | None
+    counts: Mapping[str, int]
+    best_value: float | None
+    best_trial: int | None
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+
+def _summarise(study: optuna.Study) -> StudySummary:
+    trials = study.get_trials(deepcopy=False)
+    counts = Counter(t.state.name for t in trials)
+    complete = [t for t in trials if t.state == TrialState.COMPLETE and t.value is not None]
+    best = min(complete, key=lambda t: t.value) if complete else None
+    return StudySummary(
+        name=study.study_name,
+        experiment=study.user_attrs.get(ATTR_EXPERIMENT_NAME),
+        counts={state.name: counts.get(state.name, 0) for state in TrialState},
+        best_value=best.value if best else None,
+        best_trial=best.number if best else None,
+    )
+
+
+def study_summaries(
+    storage: optuna.storages.BaseStorage, name: str | None = None
+) -> list[StudySummary]:
+    """Trials by state and best value, for one study or for every study in ``storage``."""
+    if name is not None:
+        return [_summarise(load_study(name, storage))]
+    names = sorted(optuna.get_all_study_names(storage))
+    return [_summarise(optuna.load_study(study_name=n, storage=storage)) for n in names]

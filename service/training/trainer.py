@@ -1,0 +1,466 @@
+"""Trains many trials of one network shape together, as one batched program (a pack).
+
+A pack has K slots. Each slot holds one trial: its own weights, EMA shadows, global step and
+schedule, stored as the k-th entry of stacked tensors, so one forward/backward pass trains all K.
+When a trial ends, its slot is refilled at once with the next trial (continuous batching), so a
+trial's curves do not depend on what else shares the pack.
+
+The loop reads top to bottom: batch → forward → loss → backward → lr → SGD step → EMA → log.
+Losses stay on the device and reach the host only at logging points (evaluations, or when the
+buffer fills), so on CUDA there is no host sync per step. Progress goes out through a
+:class:`PackHooks` object; an exception raised from ``on_evaluation`` (a pruning decision, say)
+stops that trial only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Sequence
+from dataclasses import dataclass, field
+from typing import Literal, Protocol
+
+import numpy as np
+import torch
+
+from service.training.losses import Loss
+from service.training.network import NetworkShape, forward, init_parameters
+from service.training.schedule import ema_decay_at, exponential_decay
+
+__all__ = [
+    "Curves",
+    "PackHooks",
+    "Schedule",
+    "TrainingConfig",
+    "TrainingData",
+    "TrialOutcome",
+    "TrialSpec",
+    "batch_table",
+    "resolve_device",
+    "train",
+    "train_trials",
+]
+
+OutcomeState = Literal["complete", "stopped", "diverged"]
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """The five knobs of one trial."""
+
+    lr_base: float
+    decay_rate: float
+    decay_steps: int
+    staircase: bool
+    ema_decay: float
+
+
+@dataclass(frozen=True)
+class TrialSpec:
+    """A trial to train: an opaque ``key`` for the hooks, its knobs and its seeds.
+
+    ``init_seed`` draws the initial weights, ``data_seed`` the batch order; trials that share
+    them (the default in a study) differ only by their knobs.
+    """
+
+    key: Hashable
+    schedule: Schedule
+    init_seed: int
+    data_seed: int
+
+
+@dataclass(frozen=True)
+class TrainingConfig:
+    """The budget of every trial: ``steps`` optimiser updates of ``batch_size`` examples, an
+    evaluation every ``eval_every`` updates (and after the last), a curve point every
+    ``log_every`` updates."""
+
+    steps: int
+    batch_size: int
+    eval_every: int
+    log_every: int = 1
+    buffer_steps: int = 256
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "eval_every", "log_every", "buffer_steps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+
+
+@dataclass(frozen=True)
+class TrainingData:
+    """Training and validation arrays; ``num_classes`` is set for classification (labels in y)."""
+
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_val: np.ndarray
+    y_val: np.ndarray
+    num_classes: int | None = None
+
+
+@dataclass
+class TrialOutcome:
+    """How a trial ended: ``complete`` (all steps), ``stopped`` (a hook raised ``error``) or
+    ``diverged`` (a loss became NaN/inf; ``reason`` says where). ``metrics`` are the last
+    evaluation's; a complete trial also hands back its final raw and EMA parameters."""
+
+    key: Hashable
+    state: OutcomeState
+    steps: int
+    metrics: dict[str, float] = field(default_factory=dict)
+    reason: str | None = None
+    error: BaseException | None = None
+    parameters: list[np.ndarray] = field(default_factory=list, repr=False)
+    ema_parameters: list[np.ndarray] = field(default_factory=list, repr=False)
+
+
+class PackHooks(Protocol):
+    """How a pack talks to the outside world; it knows nothing of Optuna or MLflow."""
+
+    def next_trial(self) -> TrialSpec | None:
+        """The trial for a free slot, or None when there is nothing more to train."""
+        ...
+
+    def on_curve(
+        self, key: Hashable, steps: np.ndarray, train_loss: np.ndarray, lr: np.ndarray
+    ) -> None:
+        """Curve points of one trial: the loss of the update at each global step and its lr."""
+        ...
+
+    def on_evaluation(self, key: Hashable, step: int, metrics: dict[str, float]) -> None:
+        """An evaluation after ``step`` updates; raising stops this trial (and only it)."""
+        ...
+
+    def on_trial_end(self, outcome: TrialOutcome) -> None: ...
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """``auto`` picks CUDA when there is one; ``cuda`` without a GPU is an error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' was asked for, but torch sees no CUDA device")
+    if name != "cpu" and not name.startswith("cuda"):
+        raise ValueError(f"device {name!r} is not one of auto, cpu, cuda")
+    return torch.device(name)
+
+
+def batch_table(n_examples: int, batch_size: int, steps: int, seed: int) -> torch.Tensor:
+    """Row indices of the batch used at each global step: ``(steps, batch_size)``.
+
+    Each epoch is a fresh permutation drawn from ``seed``; the incomplete last batch of an
+    epoch is dropped so every update sees ``batch_size`` examples.
+    """
+    batch_size = min(batch_size, n_examples)
+    per_epoch = n_examples // batch_size
+    generator = torch.Generator().manual_seed(seed)
+    epochs = -(-steps // per_epoch)
+    perms = [
+        torch.randperm(n_examples, generator=generator)[: per_epoch * batch_size]
+        for _ in range(epochs)
+    ]
+    return torch.cat(perms).view(-1, batch_size)[:steps]
+
+
+class _Pack:
+    """The device-side state of K slots and the host-side bookkeeping that mirrors it."""
+
+    def __init__(
+        self,
+        shape: NetworkShape,
+        loss: Loss,
+        data: TrainingData,
+        config: TrainingConfig,
+        capacity: int,
+        device: torch.device,
+    ) -> None:
+        self.shape, self.loss, self.config, self.device = shape, loss, config, device
+        self.capacity = capacity
+        to = dict(device=device)
+        self.x_train = torch.as_tensor(data.x_train, dtype=torch.float32).to(**to)
+        self.y_train = loss.targets(data.y_train, shape.outputs).to(**to)
+        self.x_val = torch.as_tensor(data.x_val, dtype=torch.float32).to(**to)
+        self.y_val = loss.targets(data.y_val, shape.outputs).to(**to)
+        self.labels_val = (
+            torch.as_tensor(data.y_val, dtype=torch.long).reshape(-1).to(**to)
+            if data.num_classes is not None
+            else None
+        )
+        template = init_parameters(shape, 0)
+        self.params = [torch.zeros(capacity, *p.shape, **to).requires_grad_() for p in template]
+        self.shadows = [torch.zeros(capacity, *p.shape, **to) for p in template]
+        self._init_cache: dict[int, list[torch.Tensor]] = {}
+        self._tables: dict[int, torch.Tensor] = {}
+        self.tables = torch.zeros(1, config.steps, 1, dtype=torch.long, **to)
+        self.table_of_slot = torch.zeros(capacity, dtype=torch.long, **to)
+
+        # Knob vectors: edited on the host when slots change, copied to the device at once.
+        self.knobs_host = {
+            "lr_base": np.zeros(capacity),
+            "decay_rate": np.ones(capacity),
+            "decay_steps": np.ones(capacity),
+            "staircase": np.zeros(capacity, dtype=bool),
+            "ema_decay": np.zeros(capacity),
+        }
+        self.knobs: dict[str, torch.Tensor] = {}
+        self.global_step = torch.zeros(capacity, dtype=torch.long, **to)
+        self.active = torch.zeros(capacity, dtype=torch.bool, **to)
+
+        self.slots: list[TrialSpec | None] = [None] * capacity
+        self.steps_done = [0] * capacity  # host mirror of global_step
+        buffer = min(config.buffer_steps, config.steps)
+        self.loss_buffer = torch.zeros(capacity, buffer, **to)
+        self.lr_buffer = torch.zeros(capacity, buffer, dtype=torch.float64, **to)
+        self.buffered = 0
+
+    # -- slots ---------------------------------------------------------------------------
+    def assign(self, slot: int, spec: TrialSpec) -> None:
+        """Fresh weights and shadows (both the initial weights), global step 0."""
+        init = self._init_cache.get(spec.init_seed)
+        if init is None:
+            init = [p.to(self.device) for p in init_parameters(self.shape, spec.init_seed)]
+            self._init_cache[spec.init_seed] = init
+        with torch.no_grad():
+            for p, s, p0 in zip(self.params, self.shadows, init, strict=True):
+                p[slot].copy_(p0)
+                s[slot].copy_(p0)
+        for name in self.knobs_host:
+            self.knobs_host[name][slot] = getattr(spec.schedule, name)
+        self.slots[slot] = spec
+        self.steps_done[slot] = 0
+
+    def sync_slots(self) -> None:
+        """Copy the slots' knobs, step counters, active flags and batch tables to the device."""
+        to = dict(device=self.device)
+        self.knobs = {
+            name: torch.as_tensor(values, **to) for name, values in self.knobs_host.items()
+        }
+        active = [spec is not None for spec in self.slots]
+        self.active = torch.as_tensor(active, **to)
+        self.global_step = torch.as_tensor(self.steps_done, dtype=torch.long, **to)
+
+        seeds = sorted({spec.data_seed for spec in self.slots if spec is not None})
+        if seeds != sorted(self._tables):
+            n = len(self.x_train)
+            self._tables = {
+                seed: self._tables.get(seed)
+                if seed in self._tables
+                else batch_table(n, self.config.batch_size, self.config.steps, seed).to(**to)
+                for seed in seeds
+            }
+            if seeds:
+                self.tables = torch.stack([self._tables[s] for s in seeds])
+        index = {seed: i for i, seed in enumerate(seeds)}
+        self.table_of_slot = torch.as_tensor(
+            [index[spec.data_seed] if spec is not None else 0 for spec in self.slots],
+            dtype=torch.long,
+            **to,
+        )
+
+    # -- one update of every active slot -------------------------------------------------------
+    def step(self) -> None:
+        g = self.global_step
+        rows = self.tables[self.table_of_slot, g.clamp(max=self.config.steps - 1)]
+        x, y_ = self.x_train[rows], self.y_train[rows]
+
+        losses = self.loss(forward(self.params, x, self.shape), y_)
+        grads = torch.autograd.grad(losses.sum(), self.params)
+
+        k = self.knobs
+        lr = exponential_decay(
+            k["lr_base"], k["decay_rate"], g.double(), k["decay_steps"], k["staircase"]
+        )
+        step_size = torch.where(self.active, lr, 0.0).float().view(-1, 1, 1)
+        decay = ema_decay_at(k["ema_decay"], g.double()).float()
+        decay = torch.where(self.active, decay, 1.0).view(-1, 1, 1)
+        with torch.no_grad():
+            for p, s, grad in zip(self.params, self.shadows, grads, strict=True):
+                p.sub_(step_size * grad)
+                s.mul_(decay).add_((1 - decay) * p)
+
+        self.loss_buffer[:, self.buffered] = losses.detach()
+        self.lr_buffer[:, self.buffered] = lr
+        self.buffered += 1
+        self.global_step = g + self.active
+        for slot, spec in enumerate(self.slots):
+            if spec is not None:
+                self.steps_done[slot] += 1
+
+    # -- reading results -----------------------------------------------------------------
+    def drain(self) -> tuple[np.ndarray, np.ndarray]:
+        """The buffered losses and lrs on the host; this is where the host waits for the device."""
+        n, self.buffered = self.buffered, 0
+        return self.loss_buffer[:, :n].cpu().numpy(), self.lr_buffer[:, :n].cpu().numpy()
+
+    @torch.no_grad()
+    def evaluate(self) -> list[dict[str, float]]:
+        """Validation metrics of the raw weights and of the EMA (shadow) weights, per slot."""
+        metrics: dict[str, torch.Tensor] = {}
+        for prefix, weights in (("", self.params), ("ema_", self.shadows)):
+            out = forward(weights, self.x_val, self.shape)
+            metrics[f"{prefix}val_loss"] = self.loss(out, self.y_val)
+            if self.labels_val is not None:
+                predicted = out.argmax(-1) if out.shape[-1] > 1 else (out[..., 0] > 0.5).long()
+                correct = (predicted == self.labels_val).float().mean(1)
+                metrics[f"{prefix}val_accuracy"] = correct
+        host = {name: values.cpu().numpy() for name, values in metrics.items()}
+        return [{name: float(v[slot]) for name, v in host.items()} for slot in range(self.capacity)]
+
+
+def train(
+    shape: NetworkShape,
+    loss: Loss,
+    data: TrainingData,
+    config: TrainingConfig,
+    hooks: PackHooks,
+    *,
+    pack_size: int = 1,
+    device: torch.device | str = "cpu",
+) -> None:
+    """Train the trials that ``hooks.next_trial()`` hands out, ``pack_size`` at a time."""
+    device = torch.device(device)
+    pack = _Pack(shape, loss, data, config, pack_size, device)
+    for slot in range(pack_size):
+        spec = hooks.next_trial()
+        if spec is None:
+            break
+        pack.assign(slot, spec)
+    pack.sync_slots()
+
+    while any(spec is not None for spec in pack.slots):
+        pack.step()
+        due = [
+            slot
+            for slot, spec in enumerate(pack.slots)
+            if spec is not None
+            and (
+                pack.steps_done[slot] % config.eval_every == 0
+                or pack.steps_done[slot] == config.steps
+            )
+        ]
+        if not due and pack.buffered < pack.loss_buffer.shape[1]:
+            continue
+
+        ended = _report(pack, hooks, due, config)
+        for slot in ended:
+            next_spec = hooks.next_trial()
+            pack.slots[slot] = None
+            if next_spec is not None:
+                pack.assign(slot, next_spec)
+        if ended:
+            pack.sync_slots()
+
+
+def _report(pack: _Pack, hooks: PackHooks, due: Sequence[int], config: TrainingConfig) -> list[int]:
+    """Send buffered curve points and due evaluations to the hooks; return the slots that ended."""
+    n = pack.buffered
+    losses, lrs = pack.drain()
+    ended: list[int] = []
+    outcomes: dict[int, TrialOutcome] = {}
+    for slot, spec in enumerate(pack.slots):
+        if spec is None:
+            continue
+        last = pack.steps_done[slot]
+        steps = np.arange(last - n, last)
+        slot_losses, slot_lrs = losses[slot], lrs[slot]
+        finite = np.isfinite(slot_losses)
+        keep = steps % config.log_every == 0
+        if not finite.all():
+            bad = int(np.argmin(finite))
+            keep[bad:] = False
+            outcomes[slot] = TrialOutcome(
+                spec.key,
+                "diverged",
+                int(steps[bad]),
+                reason=f"train_loss became {slot_losses[bad]} at step {steps[bad]}",
+            )
+        if keep.any():
+            hooks.on_curve(spec.key, steps[keep], slot_losses[keep], slot_lrs[keep])
+
+    due = [slot for slot in due if slot not in outcomes]
+    if due:
+        evaluations = pack.evaluate()
+        for slot in due:
+            spec = pack.slots[slot]
+            assert spec is not None
+            step, metrics = pack.steps_done[slot], evaluations[slot]
+            bad = [name for name, value in metrics.items() if not np.isfinite(value)]
+            if bad:
+                reason = f"{bad[0]} became {metrics[bad[0]]} at step {step}"
+                outcomes[slot] = TrialOutcome(spec.key, "diverged", step, metrics, reason=reason)
+                continue
+            try:
+                hooks.on_evaluation(spec.key, step, metrics)
+            except Exception as error:
+                outcomes[slot] = TrialOutcome(
+                    spec.key, "stopped", step, metrics, reason=str(error), error=error
+                )
+                continue
+            if step == config.steps:
+                outcomes[slot] = TrialOutcome(
+                    spec.key,
+                    "complete",
+                    step,
+                    metrics,
+                    parameters=[p[slot].detach().cpu().numpy() for p in pack.params],
+                    ema_parameters=[s[slot].cpu().numpy() for s in pack.shadows],
+                )
+
+    for slot, outcome in outcomes.items():
+        hooks.on_trial_end(outcome)
+        ended.append(slot)
+    return ended
+
+
+@dataclass
+class Curves:
+    """Everything one trial reported, collected by :func:`train_trials`."""
+
+    steps: list[int] = field(default_factory=list)
+    train_loss: list[float] = field(default_factory=list)
+    lr: list[float] = field(default_factory=list)
+    evaluations: list[tuple[int, dict[str, float]]] = field(default_factory=list)
+    outcome: TrialOutcome | None = None
+
+
+class _Collector:
+    def __init__(self, specs: Sequence[TrialSpec]) -> None:
+        self.queue = list(specs)
+        self.curves = {spec.key: Curves() for spec in specs}
+
+    def next_trial(self) -> TrialSpec | None:
+        return self.queue.pop(0) if self.queue else None
+
+    def on_curve(self, key, steps, train_loss, lr) -> None:
+        c = self.curves[key]
+        c.steps += steps.tolist()
+        c.train_loss += train_loss.tolist()
+        c.lr += lr.tolist()
+
+    def on_evaluation(self, key, step, metrics) -> None:
+        self.curves[key].evaluations.append((step, metrics))
+
+    def on_trial_end(self, outcome: TrialOutcome) -> None:
+        self.curves[outcome.key].outcome = outcome
+
+
+def train_trials(
+    shape: NetworkShape,
+    loss: Loss,
+    data: TrainingData,
+    config: TrainingConfig,
+    specs: Sequence[TrialSpec],
+    *,
+    pack_size: int | None = None,
+    device: torch.device | str = "cpu",
+) -> list[Curves]:
+    """Train ``specs`` (all in one pack by default) and return each trial's curves, in order."""
+    collector = _Collector(specs)
+    train(
+        shape,
+        loss,
+        data,
+        config,
+        collector,
+        pack_size=pack_size or len(specs),
+        device=device,
+    )
+    return [collector.curves[spec.key] for spec in specs]

@@ -1,0 +1,164 @@
+"""Shared fixtures: a real `mlflow server` process, PostgreSQL databases, and an `hpo` runner."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import requests
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for_http(
+    url: str, *, timeout: float = 120, process: subprocess.Popen | None = None
+) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            raise RuntimeError(f"server exited with {process.returncode} before answering {url}")
+        try:
+            if requests.get(url, timeout=2).ok:
+                return
+        except requests.RequestException:
+            pass
+        time.sleep(0.3)
+    raise TimeoutError(f"{url} did not answer within {timeout}s")
+
+
+@dataclass
+class MlflowServer:
+    url: str
+    process: subprocess.Popen
+    log: Path
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory) -> Iterator[MlflowServer]:
+    """A real `mlflow server` on SQLite, serving artifacts, on a free port of 127.0.0.1."""
+    root = tmp_path_factory.mktemp("mlflow-server")
+    port = free_port()
+    log = root / "server.log"
+    command = [
+        sys.executable, "-m", "mlflow", "server",
+        "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
+        "--artifacts-destination", str(root / "artifacts"),
+        "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+    ]  # fmt: skip
+    with log.open("w") as out:
+        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, cwd=root)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_for_http(f"{url}/health", process=process)
+        yield MlflowServer(url, process, log)
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+
+
+@pytest.fixture
+def postgres_url() -> Iterator[str]:
+    """A fresh PostgreSQL database for one test, dropped afterwards."""
+    base = os.environ.get("HPO_TEST_POSTGRES_URL")
+    if not base:
+        pytest.skip("set HPO_TEST_POSTGRES_URL (a PostgreSQL URL allowed to CREATE DATABASE)")
+    import sqlalchemy as sa
+
+    name = f"hpo_t_{uuid.uuid4().hex[:12]}"
+    admin = sa.create_engine(base, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
+    url = sa.engine.make_url(base).set(database=name).render_as_string(hide_password=False)
+    try:
+        yield url
+    finally:
+        with admin.connect() as conn:
+            conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+
+
+@dataclass
+class Hpo:
+    """Runs the real `hpo` command line in a subprocess, with its own $HPO_HOME."""
+
+    home: Path
+    env: dict[str, str]
+
+    def __call__(self, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, "-m", "service.cli", *args],
+            env=self.env,
+            cwd=self.home.parent,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+
+    def json(self, *args: str) -> dict:
+        result = self(*args)
+        assert result.returncode == 0, result.stderr
+        return json.loads(result.stdout)
+
+    @property
+    def storage(self) -> str:
+        return f"sqlite:///{self.home / 'optuna.db'}"
+
+
+@pytest.fixture
+def hpo(tmp_path) -> Hpo:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HPO_", "MLFLOW_"))}
+    home = tmp_path / "home"
+    env.update(HPO_HOME=str(home), PYTHONPATH=str(ROOT), COLUMNS="120")
+    return Hpo(home=home, env=env)
+
+
+def write_experiment(directory: Path, text: str, name: str = "exp.toml") -> Path:
+    path = directory / name
+    path.write_text(text)
+    return path
+
+
+TINY_DIGITS = """
+name = "tiny"
+[data]
+source = "digits"
+[model]
+hidden = [16]
+[training]
+steps = 60
+batch_size = 32
+eval_every = 20
+[search]
+trials = 6
+seed = 3
+pack = 3
+pruner = "none"
+"""
+
+
+@pytest.fixture
+def tiny_experiment(tmp_path) -> Path:
+    return write_experiment(tmp_path, TINY_DIGITS)
+
+
+def has_program(name: str) -> bool:
+    return shutil.which(name) is not None

@@ -1,0 +1,247 @@
+"""End to end through the `hpo` command line: real Optuna storage, real MLflow tracking."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+
+import optuna
+import pytest
+from mlflow.tracking import MlflowClient
+
+from service.search import KNOBS
+from service.training import exponential_decay
+from tests.conftest import TINY_DIGITS, write_experiment
+
+pytestmark = pytest.mark.e2e
+
+STATUS = {"COMPLETE": "FINISHED", "PRUNED": "KILLED", "FAIL": "FAILED"}
+
+
+def runs_of(client: MlflowClient, study: str):
+    experiment = client.get_experiment_by_name(study)
+    assert experiment is not None, f"no MLflow experiment {study!r}"
+    runs = client.search_runs([experiment.experiment_id], max_results=1000)
+    parents = [r for r in runs if r.data.tags.get("hpo.kind") == "study"]
+    children = [r for r in runs if r.data.tags.get("hpo.kind") != "study"]
+    return experiment, parents, children
+
+
+def test_study_against_mlflow_server(hpo, tmp_path, mlflow_server):
+    """The default layout, checked on the server with MlflowClient and in Optuna's storage."""
+    experiment_file = write_experiment(
+        tmp_path,
+        TINY_DIGITS.replace('pruner = "none"', 'pruner = "median"\npruner_startup_trials = 1'),
+    )
+    result = hpo(
+        "run",
+        str(experiment_file),
+        "--tracking-uri",
+        mlflow_server.url,
+        "--trials",
+        "6",
+        "--pack",
+        "3",
+    )
+    assert result.returncode == 0, result.stderr
+    assert "hpo best tiny --json" in result.stdout
+
+    study = optuna.load_study(study_name="tiny", storage=hpo.storage)
+    trials = study.trials
+    assert len(trials) == 6
+    assert {t.state.name for t in trials} <= {"COMPLETE", "PRUNED"}
+    assert any(t.state.name == "PRUNED" for t in trials), "seeded study expected to prune"
+
+    client = MlflowClient(mlflow_server.url)
+    experiment, parents, children = runs_of(client, "tiny")
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+    (parent,) = parents
+    assert parent.info.status == "FINISHED"
+    artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert {"experiment", "plots", "best.json"} <= artifacts
+    plots = {a.path for a in client.list_artifacts(parent.info.run_id, "plots")}
+    assert "plots/optimization_history.png" in plots
+    assert parent.data.metrics["best_value"] == pytest.approx(study.best_value)
+
+    assert len(children) == 6
+    by_number = {int(r.data.tags["hpo.trial_number"]): r for r in children}
+    for trial in trials:
+        run = by_number[trial.number]
+        assert run.info.run_id == trial.user_attrs["mlflow_run_id"]
+        assert run.info.run_name == f"trial-{trial.number}"
+        assert run.data.tags["mlflow.parentRunId"] == parent.info.run_id
+        assert run.data.tags["hpo.study"] == "tiny"
+        assert run.data.tags["hpo.state"] == trial.state.name
+        assert run.info.status == STATUS[trial.state.name]
+        assert set(run.data.params) == {*KNOBS, "seed"}
+        for name in KNOBS:
+            assert run.data.params[name] == str(trial.params[name])
+
+        steps_done = max(trial.intermediate_values)
+        loss_curve = client.get_metric_history(run.info.run_id, "train_loss")
+        lr_curve = client.get_metric_history(run.info.run_id, "lr")
+        assert sorted(m.step for m in loss_curve) == list(range(steps_done))
+        p = trial.params
+        for m in lr_curve:
+            expected = exponential_decay(
+                p["lr_base"], p["decay_rate"], m.step, p["decay_steps"], p["staircase"]
+            )
+            assert m.value == pytest.approx(expected, rel=1e-9)
+        ema = client.get_metric_history(run.info.run_id, "ema_val_loss")
+        assert {m.step: m.value for m in ema} == pytest.approx(trial.intermediate_values)
+        for name in ("val_loss", "val_accuracy", "ema_val_accuracy"):
+            assert len(client.get_metric_history(run.info.run_id, name)) == len(ema)
+        if trial.state.name == "COMPLETE":
+            assert steps_done == 60
+            assert run.data.metrics["objective"] == pytest.approx(trial.value)
+        else:
+            assert "objective" not in run.data.metrics
+
+    best = hpo.json("best", "tiny", "--json")
+    assert best == {
+        "study": "tiny",
+        "trial_number": study.best_trial.number,
+        "value": study.best_trial.value,
+        "params": {name: study.best_trial.params[name] for name in KNOBS},
+        "mlflow_run_id": study.best_trial.user_attrs["mlflow_run_id"],
+    }
+
+    # Running it again adds trials to the same study, under the same parent run.
+    again = hpo("run", str(experiment_file), "--tracking-uri", mlflow_server.url, "--trials", "2")
+    assert again.returncode == 0, again.stderr
+    assert len(optuna.load_study(study_name="tiny", storage=hpo.storage).trials) == 8
+    _, parents, children = runs_of(client, "tiny")
+    assert len(parents) == 1 and len(children) == 8
+    params = {tuple(sorted(r.data.params.items())) for r in children}
+    assert len(params) == 8, "a resumed study must not replay the first session's draws"
+
+
+def test_default_tracking_diverging_trials_and_status(hpo, tmp_path):
+    """Embedded SQLite tracking (no server); trials that blow up end FAILED with the reason."""
+    experiment_file = write_experiment(
+        tmp_path,
+        TINY_DIGITS.replace(
+            "[search]",
+            '[loss]\nkind = "mse"\n[search.space.lr_base]\nlow = 1e3\nhigh = 1e4\n[search]',
+        ),
+    )
+    result = hpo("run", str(experiment_file), "--trials", "3")
+    assert result.returncode == 0, result.stderr
+    assert "3 fail" in result.stdout
+
+    study = optuna.load_study(study_name="tiny", storage=hpo.storage)
+    assert [t.state.name for t in study.trials] == ["FAIL"] * 3
+    assert all("became" in t.user_attrs["fail_reason"] for t in study.trials)
+
+    client = MlflowClient(f"sqlite:///{hpo.home / 'mlflow.db'}")
+    _, (parent,), children = runs_of(client, "tiny")
+    assert parent.info.status == "FINISHED"
+    for run in children:
+        assert run.info.status == "FAILED"
+        assert run.data.tags["hpo.state"] == "FAIL"
+        assert "became" in run.data.tags["hpo.reason"]
+
+    best = hpo("best", "tiny", "--json")
+    assert best.returncode != 0
+    assert "no completed trial yet" in best.stderr and "3 fail" in best.stderr
+    status = hpo("status")
+    assert status.returncode == 0 and "tiny" in status.stdout
+
+
+BAD_FILES = {
+    "unknown key": ("[model]\nhidden = [4]\nwidth = 3\n", "model.width: unknown key"),
+    "bad toml": ("[model\nhidden = [4]\n", "not valid TOML"),
+    "decay rate out of range": (
+        "[search.space.decay_rate]\nlow = 0.5\nhigh = 1.5\n",
+        "search.space.decay_rate.high: 1.5 is out of range; allowed: 0 < decay_rate <= 1",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", [*BAD_FILES, "missing file"])
+def test_bad_experiment_files_fail_cleanly(hpo, tmp_path, case):
+    if case == "missing file":
+        path, expected = tmp_path / "nope.toml", "nope.toml: no such experiment file"
+    else:
+        text, expected = BAD_FILES[case]
+        path = write_experiment(tmp_path, text)
+    result = hpo("run", str(path))
+    assert result.returncode != 0
+    assert expected in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert "Traceback" not in result.stderr + result.stdout
+    # nothing was created: no storage, no tracking database, no study
+    assert not (hpo.home / "optuna.db").exists()
+    assert not (hpo.home / "mlflow.db").exists()
+
+
+def test_unreachable_tracking_server_leaves_no_study(hpo, tiny_experiment):
+    result = hpo("run", str(tiny_experiment), "--tracking-uri", "http://127.0.0.1:9")
+    assert result.returncode != 0
+    assert "cannot reach the MLflow tracking server at http://127.0.0.1:9" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    if (hpo.home / "optuna.db").exists():
+        assert optuna.get_all_study_names(hpo.storage) == []
+
+
+def test_other_experiment_under_existing_study_is_refused(hpo, tmp_path, tiny_experiment):
+    assert hpo("run", str(tiny_experiment), "--trials", "1").returncode == 0
+    other = write_experiment(
+        tmp_path, TINY_DIGITS.replace("hidden = [16]", "hidden = [8]"), "b.toml"
+    )
+    result = hpo("run", str(other), "--study", "tiny")
+    assert result.returncode != 0
+    assert "study 'tiny' was created from a different experiment" in result.stderr
+    assert "model.hidden" in result.stderr
+    assert len(optuna.load_study(study_name="tiny", storage=hpo.storage).trials) == 1
+
+
+def test_interrupted_run_leaves_no_running_trial(hpo, tmp_path):
+    """Ctrl-C mid-study: the trials in training end FAILED in Optuna and in MLflow, exit 130."""
+    slow = TINY_DIGITS.replace("steps = 60", "steps = 200000").replace(
+        "eval_every = 20", "eval_every = 100"
+    )
+    path = write_experiment(tmp_path, slow)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "service.cli", "run", str(path), "--trials", "2", "--pack", "2"],
+        env=hpo.env,
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    client = MlflowClient(f"sqlite:///{hpo.home / 'mlflow.db'}")
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if (hpo.home / "optuna.db").exists() and optuna.get_all_study_names(hpo.storage):
+            trials = optuna.load_study(study_name="tiny", storage=hpo.storage).trials
+            if len(trials) == 2 and all(t.intermediate_values for t in trials):
+                break
+        time.sleep(0.5)
+    else:
+        process.kill()
+        pytest.fail("the study never started training")
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 130, err
+    assert "interrupted" in err and "Traceback" not in err
+
+    study = optuna.load_study(study_name="tiny", storage=hpo.storage)
+    assert [t.state.name for t in study.trials] == ["FAIL", "FAIL"]
+    _, (parent,), children = runs_of(client, "tiny")
+    assert parent.info.status == "KILLED"
+    assert [r.info.status for r in children] == ["FAILED", "FAILED"]
+
+
+@pytest.mark.postgres
+def test_study_on_postgres_storage(hpo, tiny_experiment, postgres_url):
+    result = hpo("run", str(tiny_experiment), "--storage", postgres_url, "--trials", "3")
+    assert result.returncode == 0, result.stderr
+    study = optuna.load_study(study_name="tiny", storage=postgres_url)
+    assert [t.state.name for t in study.trials] == ["COMPLETE"] * 3
+    best = hpo.json("best", "tiny", "--storage", postgres_url, "--json")
+    assert best["trial_number"] == study.best_trial.number
+    assert best["value"] == study.best_value
+    assert not (hpo.home / "optuna.db").exists()
