@@ -130,8 +130,8 @@ class KnobRange(Section):
     """One knob: a range (``low``/``high``/``log``), a fixed ``value``, ``choices`` for the
     staircase flag, or ``grid`` values for the grid sampler."""
 
-    low: float | None = None
-    high: float | None = None
+    low: int | float | None = None
+    high: int | float | None = None
     log: bool | None = None
     value: bool | int | float | None = None
     choices: list[bool] | None = None
@@ -186,6 +186,13 @@ class SearchSpace(Section):
     def _within_limits(self) -> SearchSpace:
         for name, (kind, allowed, ok) in _LIMITS.items():
             knob: KnobRange = getattr(self, name)
+            if kind == "bool":
+                if knob.low is not None or knob.high is not None or knob.log is not None:
+                    raise _Problem(name, "takes choices, value or grid, not low/high/log")
+                if knob.choices is not None and not knob.choices:
+                    raise _Problem(f"{name}.choices", "is empty; allowed: [false, true] or a part")
+            elif knob.choices is not None:
+                raise _Problem(name, "takes low/high/log, value or grid, not choices")
             values = [
                 ("low", knob.low),
                 ("high", knob.high),
@@ -199,13 +206,6 @@ class SearchSpace(Section):
                     raise _Problem(
                         f"{name}.{key}", f"{_toml(v)} is out of range; allowed: {allowed}"
                     )
-            if kind == "bool":
-                if knob.low is not None or knob.high is not None or knob.log is not None:
-                    raise _Problem(name, "takes choices, value or grid, not low/high/log")
-                if knob.choices is not None and not knob.choices:
-                    raise _Problem(f"{name}.choices", "is empty; allowed: [false, true] or a part")
-            elif knob.choices is not None:
-                raise _Problem(name, "takes low/high/log, value or grid, not choices")
             if knob.low is not None and knob.high is not None and knob.low >= knob.high:
                 raise _Problem(
                     f"{name}.low", f"{_toml(knob.low)} must be below high = {_toml(knob.high)}"

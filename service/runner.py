@@ -261,6 +261,8 @@ def run_study(
             study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))
         )
         n_trials = min(n_trials, max(0, grid_size(knobs) - tried))
+        if n_trials == 0:
+            raise StudyError(f"study {name!r} has tried all {grid_size(knobs)} points of its grid")
     pack = max(1, min(pack_size or experiment.search.pack, n_trials or 1))
 
     tracker = StudyTracker(client, name, artifact_root=settings.artifacts_dir)

@@ -43,7 +43,10 @@ def _suggest(trial: optuna.Trial, knob: Knob) -> Any:
     if knob.kind == "int":
         return trial.suggest_int(name, int(low), int(high), log=knob.log and low != high)
     if name == "ema_decay" and knob.log and low != high and not knob.grid:
-        complement = trial.suggest_float(EMA_COMPLEMENT, 1 - high, 1 - low, log=True)
+        # rounded so that 1 - 0.9999 is stored as 1e-4, not 9.999999999998899e-05
+        complement = trial.suggest_float(
+            EMA_COMPLEMENT, round(1 - high, 12), round(1 - low, 12), log=True
+        )
         value = min(max(1 - complement, low), high)
         return trial.suggest_float(name, value, value)
     return trial.suggest_float(name, low, high, log=knob.log and low != high)
@@ -94,6 +97,14 @@ def grid_size(knobs: Mapping[str, Knob]) -> int:
     return math.prod(len(values) for values in _grid_space(knobs).values())
 
 
+class _AskTellGridSampler(optuna.samplers.GridSampler):
+    """GridSampler minus its ``study.stop()`` after the last point, which raises RuntimeError
+    under ask-and-tell (optuna/optuna#5141); the runner stops at the grid's size itself."""
+
+    def after_trial(self, study, trial, state, values) -> None:
+        return None
+
+
 def make_sampler(
     search: SearchSection, knobs: Mapping[str, Knob], *, seed_offset: int = 0
 ) -> optuna.samplers.BaseSampler:
@@ -103,7 +114,7 @@ def make_sampler(
     if search.sampler == "random":
         return optuna.samplers.RandomSampler(seed=seed)
     if search.sampler == "grid":
-        return optuna.samplers.GridSampler(_grid_space(knobs), seed=seed)
+        return _AskTellGridSampler(_grid_space(knobs), seed=seed)
     # constant_liar: trials trained side by side in a pack get distinct suggestions
     return optuna.samplers.TPESampler(seed=seed, constant_liar=True)
 

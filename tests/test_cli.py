@@ -6,14 +6,16 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import optuna
 import pytest
+import requests
 from mlflow.tracking import MlflowClient
 
 from service.search import KNOBS
 from service.training import exponential_decay
-from tests.conftest import TINY_DIGITS, write_experiment
+from tests.conftest import TINY_DIGITS, free_port, wait_for_http, write_experiment
 
 pytestmark = pytest.mark.e2e
 
@@ -245,3 +247,59 @@ def test_study_on_postgres_storage(hpo, tiny_experiment, postgres_url):
     assert best["trial_number"] == study.best_trial.number
     assert best["value"] == study.best_value
     assert not (hpo.home / "optuna.db").exists()
+
+
+def listening_addresses(port: int) -> set[str]:
+    """Local addresses with a socket listening on ``port``, read from /proc/net/tcp."""
+    found = set()
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        local, state = line.split()[1], line.split()[3]
+        address, port_hex = local.split(":")
+        if state == "0A" and int(port_hex, 16) == port:
+            found.add(".".join(str(int(address[i : i + 2], 16)) for i in (6, 4, 2, 0)))
+    return found
+
+
+def test_ui_serves_the_study_on_localhost(hpo, tiny_experiment):
+    assert hpo("run", str(tiny_experiment), "--trials", "2").returncode == 0
+    port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "service.cli", "ui", "--port", str(port)],
+        env=hpo.env,
+        cwd=hpo.home.parent,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_for_http(f"{url}/health", process=process)
+        assert listening_addresses(port) == {"127.0.0.1"}
+        client = MlflowClient(url)
+        _, (parent,), children = runs_of(client, "tiny")
+        assert len(children) == 2
+        assert {r.info.status for r in children} == {"FINISHED"}
+        assert client.get_metric_history(children[0].info.run_id, "train_loss")
+        plots = client.list_artifacts(parent.info.run_id, "plots")
+        assert "plots/optimization_history.png" in {a.path for a in plots}
+        page = requests.get(url, timeout=10)
+        assert page.ok and "<html" in page.text.lower()
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
+def test_grid_study_stops_at_the_grid_size(hpo, tmp_path):
+    grid = TINY_DIGITS.replace(
+        "[search]",
+        "[search.space.lr_base]\ngrid = [0.05, 0.2]\n[search.space.decay_rate]\nvalue = 0.9\n"
+        "[search.space.decay_steps]\nvalue = 20\n[search.space.staircase]\nvalue = false\n"
+        "[search.space.ema_decay]\ngrid = [0.9, 0.99]\n[search]",
+    ).replace("seed = 3", 'seed = 3\nsampler = "grid"')
+    path = write_experiment(tmp_path, grid)
+    result = hpo("run", str(path), "--trials", "10")
+    assert result.returncode == 0, result.stderr
+    study = optuna.load_study(study_name="tiny", storage=hpo.storage)
+    points = {(t.params["lr_base"], t.params["ema_decay"]) for t in study.trials}
+    assert points == {(0.05, 0.9), (0.05, 0.99), (0.2, 0.9), (0.2, 0.99)}
+    again = hpo("run", str(path))
+    assert again.returncode != 0 and "has tried all 4 points of its grid" in again.stderr
