@@ -11,6 +11,7 @@ from pathlib import Path
 import optuna
 import pytest
 import requests
+import torch
 from mlflow.tracking import MlflowClient
 
 from service.search import KNOBS
@@ -303,3 +304,11 @@ def test_grid_study_stops_at_the_grid_size(hpo, tmp_path):
     assert points == {(0.05, 0.9), (0.05, 0.99), (0.2, 0.9), (0.2, 0.99)}
     again = hpo("run", str(path))
     assert again.returncode != 0 and "has tried all 4 points of its grid" in again.stderr
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without CUDA")
+def test_cuda_without_a_gpu_is_a_clear_error(hpo, tiny_experiment):
+    result = hpo("run", str(tiny_experiment), "--device", "cuda")
+    assert result.returncode != 0
+    assert "--device: device 'cuda' was asked for, but torch sees no CUDA device" in result.stderr
+    assert not (hpo.home / "optuna.db").exists()

@@ -238,16 +238,12 @@ class _Pack:
         self.global_step = torch.as_tensor(self.steps_done, dtype=torch.long, **to)
 
         seeds = sorted({spec.data_seed for spec in self.slots if spec is not None})
-        if seeds != sorted(self._tables):
-            n = len(self.x_train)
-            self._tables = {
-                seed: self._tables.get(seed)
-                if seed in self._tables
-                else batch_table(n, self.config.batch_size, self.config.steps, seed).to(**to)
-                for seed in seeds
-            }
-            if seeds:
-                self.tables = torch.stack([self._tables[s] for s in seeds])
+        if seeds and seeds != sorted(self._tables):
+            c = self.config
+            for seed in set(seeds) - set(self._tables):
+                self._tables[seed] = batch_table(len(self.x_train), c.batch_size, c.steps, seed)
+            self._tables = {seed: self._tables[seed] for seed in seeds}
+            self.tables = torch.stack([self._tables[seed] for seed in seeds]).to(**to)
         index = {seed: i for i, seed in enumerate(seeds)}
         self.table_of_slot = torch.as_tensor(
             [index[spec.data_seed] if spec is not None else 0 for spec in self.slots],
@@ -257,20 +253,21 @@ class _Pack:
 
     # -- one update of every active slot -------------------------------------------------------
     def step(self) -> None:
-        g = self.global_step
-        rows = self.tables[self.table_of_slot, g.clamp(max=self.config.steps - 1)]
-        x, y_ = self.x_train[rows], self.y_train[rows]
-
-        losses = self.loss(forward(self.params, x, self.shape), y_)
-        grads = torch.autograd.grad(losses.sum(), self.params)
-
-        k = self.knobs
+        g, k = self.global_step, self.knobs
+        # Idle slots (no trial) compute along with the rest but neither move nor log.
         lr = exponential_decay(
             k["lr_base"], k["decay_rate"], g.double(), k["decay_steps"], k["staircase"]
         )
         step_size = torch.where(self.active, lr, 0.0).float().view(-1, 1, 1)
         decay = ema_decay_at(k["ema_decay"], g.double()).float()
         decay = torch.where(self.active, decay, 1.0).view(-1, 1, 1)
+
+        rows = self.tables[self.table_of_slot, g.clamp(max=self.config.steps - 1)]
+        losses = self.loss(forward(self.params, self.x_train[rows], self.shape), self.y_train[rows])
+        # Each trial's loss depends on its own slice only, so one backward of the sum gives
+        # every trial its own gradient.
+        grads = torch.autograd.grad(losses.sum(), self.params)
+
         with torch.no_grad():
             for p, s, grad in zip(self.params, self.shadows, grads, strict=True):
                 p.sub_(step_size * grad)
