@@ -219,24 +219,18 @@ def ui(
     tracking_uri: TrackingOpt = None,
 ) -> None:
     """Start the MLflow server and UI on the configured tracking database."""
+    from service.tracking import server_command
+
     settings = _settings(ui_port=port, ui_host=host, tracking_uri=tracking_uri)
     if settings.tracking.startswith(("http://", "https://")):
         raise HPOError(f"tracking goes to a server already: open {settings.tracking} in a browser")
     settings.home.mkdir(parents=True, exist_ok=True)
-    command = [
-        sys.executable,
-        "-m",
-        "mlflow",
-        "server",
-        "--backend-store-uri",
+    command = server_command(
         settings.tracking,
-        "--default-artifact-root",
-        settings.artifacts_dir.as_uri(),
-        "--host",
-        settings.ui_host,
-        "--port",
-        str(settings.ui_port),
-    ]
+        host=settings.ui_host,
+        port=settings.ui_port,
+        artifacts=str(settings.artifacts_dir),
+    )
     console.print(f"MLflow UI at http://{settings.ui_host}:{settings.ui_port}  (Ctrl-C stops it)")
     try:
         code = subprocess.call(command)

@@ -17,6 +17,8 @@ from pathlib import Path
 import pytest
 import requests
 
+from service.tracking import server_command
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -55,12 +57,9 @@ def mlflow_server(tmp_path_factory) -> Iterator[MlflowServer]:
     root = tmp_path_factory.mktemp("mlflow-server")
     port = free_port()
     log = root / "server.log"
-    command = [
-        sys.executable, "-m", "mlflow", "server",
-        "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
-        "--artifacts-destination", str(root / "artifacts"),
-        "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-    ]  # fmt: skip
+    command = server_command(
+        f"sqlite:///{root / 'mlflow.db'}", port=port, artifacts=str(root / "artifacts")
+    )
     with log.open("w") as out:
         process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, cwd=root)
     url = f"http://127.0.0.1:{port}"

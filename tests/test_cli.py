@@ -216,12 +216,13 @@ def test_interrupted_run_leaves_no_running_trial(hpo, tmp_path):
         text=True,
     )
     client = MlflowClient(f"sqlite:///{hpo.home / 'mlflow.db'}")
+    # The first line comes once the study exists; only then is its storage safe to open here.
+    assert process.stdout.readline().startswith("study tiny: 2 trials")
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
-        if (hpo.home / "optuna.db").exists() and optuna.get_all_study_names(hpo.storage):
-            trials = optuna.load_study(study_name="tiny", storage=hpo.storage).trials
-            if len(trials) == 2 and all(t.intermediate_values for t in trials):
-                break
+        trials = optuna.load_study(study_name="tiny", storage=hpo.storage).trials
+        if len(trials) == 2 and all(t.intermediate_values for t in trials):
+            break
         time.sleep(0.5)
     else:
         process.kill()
