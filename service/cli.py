@@ -143,12 +143,16 @@ def run(
         _print_best(report.best)
     else:
         console.print("no trial has completed yet")
-    default_tracking = settings.tracking_uri is None
+    from service.tracking import ui_url
+
     console.print("\n[bold]Next[/]")
-    if default_tracking:
-        console.print("  browse the runs:   hpo ui            (MLflow UI at http://127.0.0.1:5000)")
+    if settings.tracking_uri is None:
+        base = f"http://{settings.ui_host}:{settings.ui_port}"
+        console.print("  browse the runs:   hpo ui, then open")
     else:
-        console.print(f"  browse the runs:   open {report.tracking_uri}")
+        base = report.tracking_uri
+        console.print("  browse the runs:   open")
+    console.print(f"    {ui_url(base, report.mlflow_experiment_id)}", soft_wrap=True)
     flags = "" if settings.storage is None else " --storage URL"
     console.print(f"  the best config:   hpo best {report.study_name}{flags} --json")
     console.print(f"  every study:       hpo status{flags}")
@@ -231,7 +235,10 @@ def ui(
         port=settings.ui_port,
         artifacts=str(settings.artifacts_dir),
     )
-    console.print(f"MLflow UI at http://{settings.ui_host}:{settings.ui_port}  (Ctrl-C stops it)")
+    console.print(
+        f"MLflow UI at http://{settings.ui_host}:{settings.ui_port}  (Ctrl-C stops it); "
+        "pick 'Model training' at the top left to see studies' runs and charts"
+    )
     try:
         code = subprocess.call(command)
     except KeyboardInterrupt:

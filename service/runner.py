@@ -55,6 +55,7 @@ class StudyReport:
     storage_url: str
     tracking_uri: str
     parent_run_id: str
+    mlflow_experiment_id: str
     device: str
     pack_size: int
     trials_run: int
@@ -287,6 +288,7 @@ def run_study(
         storage_url=safe_url(settings.storage_url),
         tracking_uri=safe_url(settings.tracking),
         parent_run_id=parent,
+        mlflow_experiment_id=tracker.experiment_id,
         device=str(device),
         pack_size=pack,
         trials_run=n_trials,

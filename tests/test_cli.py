@@ -15,6 +15,7 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from service.search import KNOBS
+from service.tracking import ui_url
 from service.training import exponential_decay
 from tests.conftest import TINY_DIGITS, free_port, wait_for_http, write_experiment
 
@@ -60,6 +61,7 @@ def test_study_against_mlflow_server(hpo, tmp_path, mlflow_server):
     client = MlflowClient(mlflow_server.url)
     experiment, parents, children = runs_of(client, "tiny")
     assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+    assert ui_url(mlflow_server.url, experiment.experiment_id) in result.stdout
     (parent,) = parents
     assert parent.info.status == "FINISHED"
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
