@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import subprocess
 import sys
 import warnings
@@ -46,6 +47,14 @@ def _settings(**overrides: Any):
     from service.settings import Settings
 
     return Settings(**{k: v for k, v in overrides.items() if v is not None})
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (``kill``, ``docker stop``), handled like Ctrl-C: trials in training end failed."""
+
+
+def _terminate(signum: int, frame: Any) -> None:
+    raise Terminated()
 
 
 def _quiet_libraries() -> None:
@@ -120,6 +129,7 @@ def run(
         best = f"{p.best_value:.5g}" if p.best_value is not None else "-"
         bar.update(task, completed=p.done, best=best)
 
+    previous = signal.signal(signal.SIGTERM, _terminate)
     try:
         report = run_study(
             experiment,
@@ -130,12 +140,14 @@ def run(
             on_progress=progressed,
             on_start=started,
         )
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
         bar.stop()
-        err_console.print("interrupted: the trials in training were marked failed")
-        raise typer.Exit(130) from None
+        what, code = ("terminated", 143) if isinstance(exc, Terminated) else ("interrupted", 130)
+        err_console.print(f"{what}: the trials in training were marked failed")
+        raise typer.Exit(code) from None
     finally:
         bar.stop()
+        signal.signal(signal.SIGTERM, previous)
 
     counts = ", ".join(f"{n} {s.lower()}" for s, n in sorted(report.counts.items())) or "no trials"
     console.print(f"{report.trials_run} trials in {report.elapsed:.1f}s: {counts}")

@@ -78,8 +78,12 @@ def network_shape(experiment: Experiment, data: Dataset) -> NetworkShape:
     else:
         default = 1  # a binary label as one output, as in the notes' circle example
     outputs = experiment.model.outputs or default
-    if outputs != default and (data.num_classes is None or outputs not in (1, data.num_classes)):
-        raise ExperimentError(f"model.outputs = {outputs}: the data needs {default}")
+    allowed = {default}
+    if data.num_classes is not None and loss_kind in ("mse", "piecewise"):
+        allowed = {1, data.num_classes}  # the label as one value, or one-hot
+    if outputs not in allowed:
+        options = " or ".join(str(n) for n in sorted(allowed))
+        raise ExperimentError(f"model.outputs = {outputs}: this data and loss need {options}")
     return NetworkShape(
         inputs=data.inputs,
         hidden=tuple(experiment.model.hidden),
@@ -118,6 +122,7 @@ class _StudyHooks:
             return None
         trial = self.study.ask()
         self.asked += 1
+        run_id = None
         try:
             schedule = suggest_schedule(trial, self.knobs)
             seed = self.experiment.search.seed
@@ -127,7 +132,8 @@ class _StudyHooks:
             run_id = self.tracker.start_trial(trial.number, {**asdict(schedule), "seed": seed})
             trial.set_user_attr("mlflow_run_id", run_id)
         except BaseException as exc:
-            self.study.tell(trial, state=TrialState.FAIL)
+            reason = f"could not start: {exc}" if isinstance(exc, Exception) else "interrupted"
+            self._fail(trial, run_id, reason, step=0)
             if isinstance(exc, Exception):
                 raise StudyError(f"could not start trial {trial.number}: {exc}") from exc
             raise
@@ -147,7 +153,8 @@ class _StudyHooks:
             )
 
     def on_trial_end(self, outcome: TrialOutcome) -> None:
-        trial, run_id = self.live.pop(outcome.key)
+        # The trial stays in ``live`` until Optuna has it, so abort() can still fail it.
+        trial, run_id = self.live[outcome.key]
         if outcome.state == "complete":
             value = outcome.metrics["ema_val_loss"]
             self.study.tell(trial, value)
@@ -160,6 +167,7 @@ class _StudyHooks:
         else:
             self._fail(trial, run_id, outcome.reason or "failed", step=outcome.steps)
             state = "FAIL"
+        del self.live[outcome.key]
         self.counts[state] += 1
         if state == "COMPLETE" and (self.best_value is None or value < self.best_value):
             self.best_value = value
@@ -167,16 +175,22 @@ class _StudyHooks:
             done = sum(self.counts.values())
             self.on_progress(Progress(done, self.n_trials, self.best_value, trial.number, state))
 
-    def _fail(self, trial: optuna.Trial, run_id: str, reason: str, *, step: int) -> None:
+    def _fail(self, trial: optuna.Trial, run_id: str | None, reason: str, *, step: int) -> None:
+        if run_id is not None:  # queued first: it cannot fail, while the storage might
+            self.tracker.end_trial(run_id, "FAIL", step=step, reason=reason)
         trial.set_user_attr("fail_reason", reason)
         self.study.tell(trial, state=TrialState.FAIL)
-        self.tracker.end_trial(run_id, "FAIL", step=step, reason=reason)
 
     def abort(self, reason: str) -> None:
-        """Fail every trial still training, so none is left RUNNING."""
-        for trial, run_id in self.live.values():
-            self._fail(trial, run_id, reason, step=0)
-            self.counts["FAIL"] += 1
+        """Fail every trial still training, so none is left RUNNING; one that cannot be
+        failed (the storage is gone, say) does not stop the others."""
+        for number, (trial, run_id) in list(self.live.items()):
+            try:
+                self._fail(trial, run_id, reason, step=0)
+            except Exception as exc:
+                log.warning("could not mark trial %d failed: %s", number, exc)
+            else:
+                self.counts["FAIL"] += 1
         self.live.clear()
 
 
@@ -258,9 +272,8 @@ def run_study(
 
     n_trials = n_trials if n_trials is not None else experiment.search.trials
     if experiment.search.sampler == "grid":
-        tried = len(
-            study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))
-        )
+        # as Optuna's GridSampler counts: a point is visited once its trial finished, in any state
+        tried = sum(t.state.is_finished() for t in study.get_trials(deepcopy=False))
         n_trials = min(n_trials, max(0, grid_size(knobs) - tried))
         if n_trials == 0:
             raise StudyError(f"study {name!r} has tried all {grid_size(knobs)} points of its grid")
@@ -302,7 +315,10 @@ def run_study(
     except BaseException as exc:
         interrupted = isinstance(exc, KeyboardInterrupt | SystemExit)
         hooks.abort("interrupted" if interrupted else f"{type(exc).__name__}: {exc}")
-        _finish(tracker, study, knobs, status="KILLED" if interrupted else "FAILED")
+        try:
+            _finish(tracker, study, knobs, status="KILLED" if interrupted else "FAILED")
+        except Exception as cleanup:  # the original error is the one to report
+            log.warning("could not close the study's MLflow runs: %s", cleanup)
         raise
     _finish(tracker, study, knobs, status="FINISHED")
     report.counts = dict(hooks.counts)

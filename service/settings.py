@@ -26,7 +26,7 @@ class Settings(BaseSettings):
     )
     tracking_uri: str | None = Field(
         default=None,
-        validation_alias=AliasChoices("tracking_uri", "MLFLOW_TRACKING_URI", "HPO_TRACKING_URI"),
+        validation_alias=AliasChoices("MLFLOW_TRACKING_URI", "HPO_TRACKING_URI"),
         description="MLflow tracking URI (default: SQLite in home)",
     )
     device: str = "auto"

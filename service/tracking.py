@@ -93,19 +93,26 @@ class _Batch:
     metrics: list[Metric] = field(default_factory=list)
 
 
+_STOP = object()
+
+
 class MetricShipper:
     """Sends metric points to MLflow from a background thread, at most :data:`MAX_BATCH` a request.
 
     Points of the same run that queue up while a request is in flight are merged into the next
     request. Other run updates (tags, status) go through the same queue as callables, so they
-    reach the server after the points logged before them. A failed request is retried with
-    backoff; what still fails is counted and reported by :meth:`close`.
+    reach the server after the points logged before them. A failed request is tried again (the
+    HTTP client also retries on its own); once one has failed for good, later requests get a
+    single try each, so a dead server cannot hold the study up for long. What could not be sent
+    is counted and reported by :meth:`close`.
     """
 
-    def __init__(self, client: MlflowClient, *, retries: int = 5, backoff: float = 0.5) -> None:
-        self._client, self._retries, self._backoff = client, retries, backoff
-        self._queue: queue.Queue[_Batch | Callable[[], None] | None] = queue.Queue()
+    def __init__(self, client: MlflowClient, *, attempts: int = 3, backoff: float = 0.5) -> None:
+        self._client, self._attempts, self._backoff = client, attempts, backoff
+        self._queue: queue.Queue[Any] = queue.Queue()
+        self._failing = False
         self.points_sent = 0
+        self.points_lost = 0
         self.requests = 0
         self.failures: list[str] = []
         self._thread = threading.Thread(target=self._work, name="mlflow-shipper", daemon=True)
@@ -113,7 +120,7 @@ class MetricShipper:
 
     def log(self, run_id: str, metrics: list[Metric]) -> None:
         if metrics:
-            self._queue.put(_Batch(run_id, metrics))
+            self._queue.put(_Batch(run_id, list(metrics)))
 
     def call(self, fn: Callable[[], None]) -> None:
         self._queue.put(fn)
@@ -124,35 +131,33 @@ class MetricShipper:
 
     def close(self) -> None:
         self.flush()
-        self._queue.put(None)
+        self._queue.put(_STOP)
         self._thread.join()
 
     def _work(self) -> None:
-        pending: _Batch | Callable[[], None] | None = None
+        taken_early: list[Any] = []  # an item pulled while merging, handled next
         while True:
-            item = pending if pending is not None else self._queue.get()
-            pending = None
-            if item is None:
+            item = taken_early.pop() if taken_early else self._queue.get()
+            if item is _STOP:
                 self._queue.task_done()
                 return
-            if isinstance(item, _Batch):
-                merged = 1
-                while len(item.metrics) < MAX_BATCH:
-                    try:
-                        nxt = self._queue.get_nowait()
-                    except queue.Empty:
-                        break
-                    if isinstance(nxt, _Batch) and nxt.run_id == item.run_id:
-                        item.metrics += nxt.metrics
-                        merged += 1
-                    else:
-                        pending = nxt
-                        break
-                self._send(item)
-                for _ in range(merged):
-                    self._queue.task_done()
-            else:
+            if not isinstance(item, _Batch):
                 self._attempt(item)
+                self._queue.task_done()
+                continue
+            merged = 1
+            while len(item.metrics) < MAX_BATCH and not taken_early:
+                try:
+                    nxt = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if isinstance(nxt, _Batch) and nxt.run_id == item.run_id:
+                    item.metrics += nxt.metrics
+                    merged += 1
+                else:
+                    taken_early.append(nxt)
+            self._send(item)
+            for _ in range(merged):
                 self._queue.task_done()
 
     def _send(self, batch: _Batch) -> None:
@@ -160,19 +165,25 @@ class MetricShipper:
             chunk = batch.metrics[start : start + MAX_BATCH]
             if self._attempt(partial(self._client.log_batch, batch.run_id, metrics=chunk)):
                 self.points_sent += len(chunk)
+            else:
+                self.points_lost += len(chunk)
 
     def _attempt(self, fn: Callable[[], Any]) -> bool:
-        for attempt in range(self._retries):
+        attempts = 1 if self._failing else self._attempts
+        for attempt in range(attempts):
             try:
                 fn()
-                self.requests += 1
-                return True
             except Exception as exc:
-                if attempt == self._retries - 1:
+                if attempt == attempts - 1:
+                    self._failing = True
                     self.failures.append(f"{type(exc).__name__}: {exc}"[:300])
                     log.warning("MLflow request failed for good: %s", exc)
                     return False
                 time.sleep(self._backoff * 2**attempt)
+            else:
+                self.requests += 1
+                self._failing = False
+                return True
         return False
 
 
@@ -336,6 +347,7 @@ class StudyTracker:
         self.shipper.close()
         if self.shipper.failures:
             raise TrackingError(
-                f"{len(self.shipper.failures)} MLflow request(s) failed after retries; "
+                f"{len(self.shipper.failures)} MLflow request(s) failed after retries "
+                f"({self.shipper.points_lost} metric points not delivered); "
                 f"first: {self.shipper.failures[0]}"
             )

@@ -203,8 +203,13 @@ def test_other_experiment_under_existing_study_is_refused(hpo, tmp_path, tiny_ex
     assert len(optuna.load_study(study_name="tiny", storage=hpo.storage).trials) == 1
 
 
-def test_interrupted_run_leaves_no_running_trial(hpo, tmp_path):
-    """Ctrl-C mid-study: the trials in training end FAILED in Optuna and in MLflow, exit 130."""
+@pytest.mark.parametrize(
+    ("signum", "code", "word"),
+    [(signal.SIGINT, 130, "interrupted"), (signal.SIGTERM, 143, "terminated")],
+    ids=["SIGINT", "SIGTERM"],
+)
+def test_interrupted_run_leaves_no_running_trial(hpo, tmp_path, signum, code, word):
+    """Ctrl-C or kill mid-study: the trials in training end FAILED in Optuna and MLflow."""
     slow = TINY_DIGITS.replace("steps = 60", "steps = 200000").replace(
         "eval_every = 20", "eval_every = 100"
     )
@@ -229,10 +234,10 @@ def test_interrupted_run_leaves_no_running_trial(hpo, tmp_path):
     else:
         process.kill()
         pytest.fail("the study never started training")
-    process.send_signal(signal.SIGINT)
+    process.send_signal(signum)
     _, err = process.communicate(timeout=120)
-    assert process.returncode == 130, err
-    assert "interrupted" in err and "Traceback" not in err
+    assert process.returncode == code, err
+    assert word in err and "Traceback" not in err
 
     study = optuna.load_study(study_name="tiny", storage=hpo.storage)
     assert [t.state.name for t in study.trials] == ["FAIL", "FAIL"]

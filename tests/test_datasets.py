@@ -127,3 +127,19 @@ def test_bad_user_files(tmp_path, files, toml, message):
     experiment = parse_experiment(f"[data]\n{toml}\n[loss]\nkind = 'mse'", path=tmp_path / "e.toml")
     with pytest.raises(ExperimentError, match=message):
         load_data(experiment.data, seed=0)
+
+
+@pytest.mark.parametrize(
+    ("toml", "message"),
+    [
+        ("[model]\noutputs = 1", "model.outputs = 1: this data and loss need 10"),
+        (
+            "[model]\noutputs = 3\n[loss]\nkind = 'mse'",
+            "model.outputs = 3: this data and loss need 1 or 10",
+        ),
+    ],
+)
+def test_output_size_must_fit_the_data_and_loss(toml, message):
+    experiment = parse_experiment(toml)
+    with pytest.raises(ExperimentError, match=message):
+        network_shape(experiment, load_data(experiment.data, seed=0))

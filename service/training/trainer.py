@@ -259,8 +259,9 @@ class _Pack:
             k["lr_base"], k["decay_rate"], g.double(), k["decay_steps"], k["staircase"]
         )
         step_size = torch.where(self.active, lr, 0.0).float().view(-1, 1, 1)
-        decay = ema_decay_at(k["ema_decay"], g.double()).float()
-        decay = torch.where(self.active, decay, 1.0).view(-1, 1, 1)
+        decay = torch.where(self.active, ema_decay_at(k["ema_decay"], g.double()), 1.0)
+        # 1 - d in float64: in float32, 1 - 0.9999 would be off by 1.7e-4 of itself
+        keep, take = decay.float().view(-1, 1, 1), (1 - decay).float().view(-1, 1, 1)
 
         rows = self.tables[self.table_of_slot, g.clamp(max=self.config.steps - 1)]
         losses = self.loss(forward(self.params, self.x_train[rows], self.shape), self.y_train[rows])
@@ -271,7 +272,7 @@ class _Pack:
         with torch.no_grad():
             for p, s, grad in zip(self.params, self.shadows, grads, strict=True):
                 p.sub_(step_size * grad)
-                s.mul_(decay).add_((1 - decay) * p)
+                s.mul_(keep).add_(take * p)
 
         self.loss_buffer[:, self.buffered] = losses.detach()
         self.lr_buffer[:, self.buffered] = lr

@@ -107,7 +107,6 @@ def reference_loop(shape, loss: Loss, data: TrainingData, spec: TrialSpec):
         ),
     )
     shadow = [p.detach().clone() for p in model.parameters()]
-    ema_model = torch.nn.Sequential(*[m for m in model])  # evaluated with swapped-in shadows
     table = batch_table(len(x_train), CONFIG.batch_size, CONFIG.steps, spec.data_seed)
 
     losses, lrs, evals = [], [], []
@@ -126,15 +125,23 @@ def reference_loop(shape, loss: Loss, data: TrainingData, spec: TrialSpec):
             for sh, p in zip(shadow, model.parameters(), strict=True):
                 sh.copy_(d * sh + (1 - d) * p)
         if (g + 1) % CONFIG.eval_every == 0:
+            evaluation = {"step": g + 1}
             with torch.no_grad():
-                val = loss_fn(model(x_val), y_val).item()
                 saved = [p.detach().clone() for p in model.parameters()]
-                for p, sh in zip(model.parameters(), shadow, strict=True):
-                    p.copy_(sh)
-                ema_val = loss_fn(ema_model(x_val), y_val).item()
-                for p, sv in zip(model.parameters(), saved, strict=True):
-                    p.copy_(sv)
-            evals.append((g + 1, val, ema_val))
+                for prefix, weights in (("", saved), ("ema_", shadow)):
+                    for p, w in zip(model.parameters(), weights, strict=True):
+                        p.copy_(w)
+                    out = model(x_val)
+                    evaluation[f"{prefix}val_loss"] = loss_fn(out, y_val).item()
+                    if data.num_classes:
+                        predicted = (
+                            out.argmax(-1) if out.shape[-1] > 1 else (out[:, 0] > 0.5).long()
+                        )
+                        correct = (predicted == y_val).float().mean().item()
+                        evaluation[f"{prefix}val_accuracy"] = correct
+                for p, w in zip(model.parameters(), saved, strict=True):
+                    p.copy_(w)
+            evals.append(evaluation)
     return losses, lrs, evals
 
 
@@ -148,8 +155,9 @@ def specs(seed_per_trial: bool = False) -> list[TrialSpec]:
 
 
 @pytest.mark.parametrize("loss_name", list(CASES))
-@pytest.mark.parametrize("pack_size", [1, 4])
+@pytest.mark.parametrize("pack_size", [1, 2, 4])
 def test_pack_matches_reference_loop(loss_name, pack_size):
+    """Pack 2 runs the four trials two at a time: the last two train in refilled slots."""
     loss, shape, data = CASES[loss_name]
     trials = specs(seed_per_trial=True)
     curves = train_trials(shape, loss, data, CONFIG, trials, pack_size=pack_size)
@@ -159,10 +167,15 @@ def test_pack_matches_reference_loop(loss_name, pack_size):
         assert curve.steps == list(range(CONFIG.steps))
         np.testing.assert_allclose(curve.lr, ref_lrs, rtol=1e-6)
         np.testing.assert_allclose(curve.train_loss, ref_losses, rtol=2e-4, atol=1e-5)
-        assert [step for step, _ in curve.evaluations] == [step for step, _, _ in ref_evals]
-        for (_, metrics), (_, val, ema_val) in zip(curve.evaluations, ref_evals, strict=True):
-            assert metrics["val_loss"] == pytest.approx(val, rel=2e-4, abs=1e-5)
-            assert metrics["ema_val_loss"] == pytest.approx(ema_val, rel=2e-4, abs=1e-5)
+        assert [step for step, _ in curve.evaluations] == [ref["step"] for ref in ref_evals]
+        for (_, metrics), ref in zip(curve.evaluations, ref_evals, strict=True):
+            assert metrics["val_loss"] == pytest.approx(ref["val_loss"], rel=2e-4, abs=1e-5)
+            assert metrics["ema_val_loss"] == pytest.approx(ref["ema_val_loss"], rel=2e-4, abs=1e-5)
+            if data.num_classes:
+                assert metrics["val_accuracy"] == pytest.approx(ref["val_accuracy"], abs=1e-6)
+                assert metrics["ema_val_accuracy"] == pytest.approx(
+                    ref["ema_val_accuracy"], abs=1e-6
+                )
 
 
 @pytest.mark.parametrize("loss_name", list(CASES))
@@ -219,6 +232,36 @@ def test_refilled_slot_gives_the_same_curves():
         assert hooks.evaluations[spec.key] == [10, 20, 30, 40]
         np.testing.assert_allclose(hooks.curves[spec.key], alone.train_loss, rtol=1e-5, atol=1e-6)
         assert hooks.ends[spec.key].metrics == pytest.approx(alone.outcome.metrics, rel=1e-5)
+
+
+def test_refills_out_of_phase_with_buffer_drains_and_thinned_curves():
+    """Awkward numbers: 37 steps (the last evaluation is not on the 10-step grid), a 7-step
+    buffer that fills between evaluations, a point every 3 steps, 7 trials through 3 slots, one
+    stopped at step 20 so refills fall out of phase. Every trial matches itself alone."""
+    loss, shape, data = CASES["mse"]
+    config = TrainingConfig(steps=37, batch_size=16, eval_every=10, log_every=3, buffer_steps=7)
+    trials = [
+        TrialSpec(key=i, schedule=SCHEDULES[i % 4], init_seed=i, data_seed=i % 2) for i in range(7)
+    ]
+
+    class Hooks(StopAt):
+        def on_curve(self, key, steps, train_loss, lr):
+            points = zip(steps.tolist(), train_loss.tolist(), lr.tolist(), strict=True)
+            self.curves[key] += list(points)
+
+    hooks = Hooks(trials, key=1, step=20)
+    train(shape, loss, data, config, hooks, pack_size=3)
+    assert hooks.ends[1].state == "stopped"
+    for spec in trials:
+        (alone,) = train_trials(shape, loss, data, config, [spec], pack_size=1)
+        steps, losses, lrs = map(list, zip(*hooks.curves[spec.key], strict=True))
+        expected_steps = list(range(0, 21 if spec.key == 1 else 37, 3))
+        assert steps == expected_steps == alone.steps[: len(expected_steps)]
+        np.testing.assert_allclose(losses, alone.train_loss[: len(steps)], rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(lrs, alone.lr[: len(steps)], rtol=1e-12)
+        if spec.key != 1:
+            assert hooks.evaluations[spec.key] == [10, 20, 30, 37]
+            assert hooks.ends[spec.key].metrics == pytest.approx(alone.outcome.metrics, rel=1e-5)
 
 
 def test_common_random_numbers_by_default_and_own_seeds_on_request():
@@ -280,3 +323,25 @@ def test_cuda_pack_matches_cpu():
     for a, b in zip(cpu, gpu, strict=True):
         np.testing.assert_allclose(a.train_loss, b.train_loss, rtol=1e-4, atol=1e-5)
         np.testing.assert_allclose(a.lr, b.lr, rtol=1e-12)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_step_never_waits_for_the_device():
+    """Training steps raise if anything in them would make the host wait for the GPU."""
+    from service.training.trainer import _Pack
+
+    loss, shape, data = CASES["softmax_cross_entropy"]
+    pack = _Pack(shape, loss, data, CONFIG, capacity=4, device=torch.device("cuda"))
+    for slot, spec in enumerate(specs()):
+        pack.assign(slot, spec)
+    pack.sync_slots()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(CONFIG.eval_every):
+            pack.step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    losses, _ = pack.drain()
+    assert losses.shape == (4, CONFIG.eval_every)
