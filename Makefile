@@ -18,13 +18,13 @@ demo: $(STAMP)
 	$(BIN)/hpo run experiments/digits.toml
 
 test: $(STAMP)
-	$(BIN)/ruff check service tests benchmarks
-	$(BIN)/ruff format --check service tests benchmarks
+	$(BIN)/ruff check service tests benchmarks alembic
+	$(BIN)/ruff format --check service tests benchmarks alembic
 	$(BIN)/python -m pytest
 
 lint: $(STAMP)
-	$(BIN)/ruff check --fix service tests benchmarks
-	$(BIN)/ruff format service tests benchmarks
+	$(BIN)/ruff check --fix service tests benchmarks alembic
+	$(BIN)/ruff format service tests benchmarks alembic
 
 ui: $(STAMP)
 	$(BIN)/hpo ui

@@ -155,7 +155,7 @@ def run(
         _print_best(report.best)
     else:
         console.print("no trial has completed yet")
-    from service.tracking import ui_url
+    from service.links import ui_url
 
     console.print("\n[bold]Next[/]")
     if settings.tracking_uri is None:
@@ -256,6 +256,113 @@ def ui(
     except KeyboardInterrupt:
         code = 0
     raise typer.Exit(code)
+
+
+DbUrlOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--db-url", help="The service's database (env HPO_DB_URL; default SQLite in $HPO_HOME)"
+    ),
+]
+
+db_app = typer.Typer(help="The service's own database schema (Alembic).", no_args_is_help=True)
+app.add_typer(db_app, name="db")
+
+
+@db_app.command("upgrade")
+def db_upgrade(
+    revision: Annotated[str, typer.Argument(help="Target revision")] = "head",
+    db_url: DbUrlOpt = None,
+) -> None:
+    """Upgrade the service's database to REVISION (default: the latest)."""
+    from service.db.engine import make_engine
+    from service.db.migrations import current_revision, upgrade
+
+    settings = _settings(db_url=db_url)
+    settings.ensure_home()
+    upgrade(settings.database_url, revision)
+    engine = make_engine(settings.database_url)
+    console.print(
+        f"{engine.url.render_as_string(hide_password=True)} is at {current_revision(engine)}"
+    )
+    engine.dispose()
+
+
+@db_app.command("current")
+def db_current(db_url: DbUrlOpt = None) -> None:
+    """Print the schema revision of the service's database and the one this version needs."""
+    from service.db.engine import make_engine
+    from service.db.migrations import current_revision, head_revision
+
+    settings = _settings(db_url=db_url)
+    engine = make_engine(settings.database_url)
+    needed = head_revision(settings.database_url)
+    console.print(f"current: {current_revision(engine) or 'none'}  needed: {needed}")
+    engine.dispose()
+
+
+@app.command()
+def sync(
+    study: Annotated[str, typer.Argument(help="Study name")],
+    storage: StorageOpt = None,
+    tracking_uri: TrackingOpt = None,
+    db_url: DbUrlOpt = None,
+    no_mlflow: Annotated[
+        bool, typer.Option("--no-mlflow", help="Rebuild from Optuna alone (no final metrics)")
+    ] = False,
+) -> None:
+    """Rebuild STUDY's rows in the service's database from Optuna and MLflow (idempotent)."""
+    from service.db.engine import make_engine
+    from service.db.migrations import ensure_schema
+    from service.registry import Registry, sync_study
+    from service.studies import load_study, open_storage
+
+    _quiet_libraries()
+    settings = _settings(storage=storage, tracking_uri=tracking_uri, db_url=db_url)
+    settings.ensure_home()
+    engine = make_engine(settings.database_url)
+    ensure_schema(engine, auto_upgrade=settings.db_url is None)
+    optuna_study = load_study(study, open_storage(settings.storage_url))
+    client = None
+    if not no_mlflow:
+        from service.tracking import connect
+
+        client = connect(settings.tracking)
+    report = sync_study(optuna_study, Registry(engine), client=client)
+    source = "Optuna and MLflow" if report.mlflow else "Optuna"
+    console.print(
+        f"{report.study}: {report.trials} trial rows rebuilt from {source} "
+        f"({report.with_metrics} with MLflow metrics)"
+    )
+
+
+@app.command()
+def serve(
+    host: Annotated[
+        str | None, typer.Option(help="Interface (env HPO_API_HOST; default 127.0.0.1)")
+    ] = None,
+    port: Annotated[int | None, typer.Option(help="Port (env HPO_API_PORT; default 8000)")] = None,
+    db_url: DbUrlOpt = None,
+) -> None:
+    """Serve the REST API (OpenAPI docs at /docs). Set HPO_API_TOKEN to require a bearer token."""
+    import uvicorn
+
+    from service.api.app import create_app
+    from service.db.engine import make_engine
+    from service.db.migrations import ensure_schema
+
+    settings = _settings(api_host=host, api_port=port, db_url=db_url)
+    settings.ensure_home()
+    engine = make_engine(settings.database_url)
+    ensure_schema(engine, auto_upgrade=settings.db_url is None)
+    auth = "bearer token required" if settings.api_token else "no token (HPO_API_TOKEN unset)"
+    console.print(f"API at http://{settings.api_host}:{settings.api_port}  docs at /docs  ({auth})")
+    uvicorn.run(
+        create_app(settings, engine=engine),
+        host=settings.api_host,
+        port=settings.api_port,
+        log_level="warning",
+    )
 
 
 def main() -> None:

@@ -8,18 +8,28 @@ import warnings
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
 from typing import Any
 
 import numpy as np
 import optuna
-from optuna.trial import TrialState
+from optuna.trial import FrozenTrial, TrialState
 
 from service.datasets import Dataset, load_data
+from service.db.engine import make_engine
+from service.db.migrations import ensure_schema
 from service.errors import ExperimentError, HPOError, StudyError
 from service.experiment import KNOBS, Experiment, Knob
+from service.registry import Registry, trial_fields
 from service.search import grid_size, searched_params, suggest_schedule
 from service.settings import Settings
-from service.studies import best_summary, open_storage, open_study_for, safe_url
+from service.studies import (
+    ATTR_EXPERIMENT_NAME,
+    best_summary,
+    open_storage,
+    open_study_for,
+    safe_url,
+)
 from service.tracking import StudyTracker, connect
 from service.training import (
     Loss,
@@ -62,6 +72,11 @@ class StudyReport:
     counts: dict[str, int] = field(default_factory=dict)
     best: dict[str, Any] | None = None
     elapsed: float = 0.0
+    row_failures: int = 0
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
 
 
 def network_shape(experiment: Experiment, data: Dataset) -> NetworkShape:
@@ -107,11 +122,16 @@ class _StudyHooks:
         experiment: Experiment,
         knobs: dict[str, Knob],
         tracker: StudyTracker,
+        registry: Registry,
+        study_id: int,
         n_trials: int,
+        device: str,
         on_progress: Callable[[Progress], None] | None,
     ) -> None:
         self.study, self.experiment, self.knobs, self.tracker = study, experiment, knobs, tracker
+        self.registry, self.study_id, self.device = registry, study_id, device
         self.n_trials, self.on_progress = n_trials, on_progress
+        self.row_failures = 0
         self.asked = 0
         self.live: dict[int, tuple[optuna.Trial, str]] = {}
         self.counts: Counter[str] = Counter()
@@ -129,6 +149,7 @@ class _StudyHooks:
             if self.experiment.training.seed_per_trial:
                 seed += trial.number
             trial.set_user_attr("seed", seed)
+            trial.set_user_attr("device", self.device)
             run_id = self.tracker.start_trial(trial.number, {**asdict(schedule), "seed": seed})
             trial.set_user_attr("mlflow_run_id", run_id)
         except BaseException as exc:
@@ -138,6 +159,8 @@ class _StudyHooks:
                 raise StudyError(f"could not start trial {trial.number}: {exc}") from exc
             raise
         self.live[trial.number] = (trial, run_id)
+        started = {"state": "RUNNING", **asdict(schedule), "seed": seed, "mlflow_run_id": run_id}
+        self._row(trial.number, started | {"device": self.device, "started_at": _now()})
         return TrialSpec(key=trial.number, schedule=schedule, init_seed=seed, data_seed=seed)
 
     def on_curve(self, key, steps: np.ndarray, train_loss: np.ndarray, lr: np.ndarray) -> None:
@@ -157,16 +180,17 @@ class _StudyHooks:
         trial, run_id = self.live[outcome.key]
         if outcome.state == "complete":
             value = outcome.metrics["ema_val_loss"]
-            self.study.tell(trial, value)
+            frozen = self.study.tell(trial, value)
             self.tracker.end_trial(run_id, "COMPLETE", step=outcome.steps, objective=value)
-            state = "COMPLETE"
+            self._row(trial.number, trial_fields(frozen, outcome.metrics))
         elif isinstance(outcome.error, optuna.TrialPruned):
-            self.study.tell(trial, state=TrialState.PRUNED)
+            frozen = self.study.tell(trial, state=TrialState.PRUNED)
             self.tracker.end_trial(run_id, "PRUNED", step=outcome.steps, reason=outcome.reason)
-            state = "PRUNED"
+            self._row(trial.number, trial_fields(frozen, outcome.metrics))
         else:
-            self._fail(trial, run_id, outcome.reason or "failed", step=outcome.steps)
-            state = "FAIL"
+            reason = outcome.reason or "failed"
+            frozen = self._fail(trial, run_id, reason, step=outcome.steps, metrics=outcome.metrics)
+        state = frozen.state.name
         del self.live[outcome.key]
         self.counts[state] += 1
         if state == "COMPLETE" and (self.best_value is None or value < self.best_value):
@@ -175,11 +199,29 @@ class _StudyHooks:
             done = sum(self.counts.values())
             self.on_progress(Progress(done, self.n_trials, self.best_value, trial.number, state))
 
-    def _fail(self, trial: optuna.Trial, run_id: str | None, reason: str, *, step: int) -> None:
+    def _fail(
+        self,
+        trial: optuna.Trial,
+        run_id: str | None,
+        reason: str,
+        *,
+        step: int,
+        metrics: dict[str, float] | None = None,
+    ) -> FrozenTrial:
         if run_id is not None:  # queued first: it cannot fail, while the storage might
             self.tracker.end_trial(run_id, "FAIL", step=step, reason=reason)
         trial.set_user_attr("fail_reason", reason)
-        self.study.tell(trial, state=TrialState.FAIL)
+        frozen = self.study.tell(trial, state=TrialState.FAIL)
+        self._row(trial.number, trial_fields(frozen, metrics or None))
+        return frozen
+
+    def _row(self, number: int, fields: dict[str, Any]) -> None:
+        """Write the trial's row; a failed write is counted, not fatal: `hpo sync` repairs it."""
+        try:
+            self.registry.record_trial(self.study_id, number, fields)
+        except Exception as exc:
+            self.row_failures += 1
+            log.warning("could not write the row of trial %d: %s", number, exc)
 
     def abort(self, reason: str) -> None:
         """Fail every trial still training, so none is left RUNNING; one that cannot be
@@ -266,6 +308,9 @@ def run_study(
     )
 
     settings.ensure_home()
+    engine = make_engine(settings.database_url)
+    ensure_schema(engine, auto_upgrade=settings.db_url is None)
+    registry = Registry(engine)
     client = connect(settings.tracking)
     storage = open_storage(settings.storage_url)
     study = open_study_for(experiment, name=name, storage=storage)
@@ -296,6 +341,14 @@ def run_study(
         experiment_file=source,
         experiment_text=experiment.source_text,
     )
+    study_id = registry.record_study(
+        name=name,
+        experiment_name=study.user_attrs[ATTR_EXPERIMENT_NAME],
+        spec=experiment.identity(),
+        experiment_text=experiment.source_text,
+        mlflow_experiment_id=tracker.experiment_id,
+        mlflow_parent_run_id=parent,
+    )
     report = StudyReport(
         study_name=name,
         storage_url=safe_url(settings.storage_url),
@@ -309,18 +362,24 @@ def run_study(
     if on_start is not None:
         on_start(report)
 
-    hooks = _StudyHooks(study, experiment, knobs, tracker, n_trials, on_progress)
+    hooks = _StudyHooks(
+        study, experiment, knobs, tracker, registry, study_id, n_trials, str(device), on_progress
+    )
     try:
         train(shape, loss, data.training, config, hooks, pack_size=pack, device=device)
     except BaseException as exc:
         interrupted = isinstance(exc, KeyboardInterrupt | SystemExit)
         hooks.abort("interrupted" if interrupted else f"{type(exc).__name__}: {exc}")
+        status = "KILLED" if interrupted else "FAILED"
         try:
-            _finish(tracker, study, knobs, status="KILLED" if interrupted else "FAILED")
+            registry.finish_study(name, "interrupted" if interrupted else "failed")
+            _finish(tracker, study, knobs, status=status)
         except Exception as cleanup:  # the original error is the one to report
-            log.warning("could not close the study's MLflow runs: %s", cleanup)
+            log.warning("could not close the study's rows and MLflow runs: %s", cleanup)
         raise
+    registry.finish_study(name, "finished")
     _finish(tracker, study, knobs, status="FINISHED")
+    report.row_failures = hooks.row_failures
     report.counts = dict(hooks.counts)
     report.best = _best_or_none(study)
     report.elapsed = time.monotonic() - started

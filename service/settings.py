@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import AliasChoices, Field
+from pydantic import AliasChoices, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 __all__ = ["Settings"]
@@ -29,9 +29,20 @@ class Settings(BaseSettings):
         validation_alias=AliasChoices("MLFLOW_TRACKING_URI", "HPO_TRACKING_URI"),
         description="MLflow tracking URI (default: SQLite in home)",
     )
+    db_url: str | None = Field(
+        default=None, description="the service's own database (default: SQLite in home)"
+    )
     device: str = "auto"
     ui_host: str = "127.0.0.1"
     ui_port: int = 5000
+    mlflow_ui_url: str | None = Field(
+        default=None, description="base URL of the MLflow UI, for links to runs"
+    )
+    api_host: str = "127.0.0.1"
+    api_port: int = 8000
+    api_token: SecretStr | None = Field(
+        default=None, description="when set, /api/v1 needs 'Authorization: Bearer <token>'"
+    )
 
     @property
     def storage_url(self) -> str:
@@ -42,10 +53,23 @@ class Settings(BaseSettings):
         return self.tracking_uri or f"sqlite:///{self.home.resolve() / 'mlflow.db'}"
 
     @property
+    def database_url(self) -> str:
+        return self.db_url or f"sqlite:///{self.home.resolve() / 'service.db'}"
+
+    @property
+    def ui_base_url(self) -> str:
+        """Where the MLflow UI is: set explicitly, else the tracking server, else `hpo ui`."""
+        if self.mlflow_ui_url:
+            return self.mlflow_ui_url
+        if self.tracking.startswith(("http://", "https://")):
+            return self.tracking
+        return f"http://{self.ui_host}:{self.ui_port}"
+
+    @property
     def artifacts_dir(self) -> Path:
         return self.home.resolve() / "artifacts"
 
     def ensure_home(self) -> None:
         """Create ``home`` when an embedded default needs it."""
-        if self.storage is None or self.tracking_uri is None:
+        if self.storage is None or self.tracking_uri is None or self.db_url is None:
             self.home.mkdir(parents=True, exist_ok=True)

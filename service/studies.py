@@ -18,6 +18,9 @@ from service.search import make_pruner, make_sampler
 
 __all__ = [
     "ATTR_EXPERIMENT",
+    "ATTR_EXPERIMENT_FILE",
+    "ATTR_EXPERIMENT_NAME",
+    "ATTR_EXPERIMENT_TEXT",
     "ATTR_FINGERPRINT",
     "StudySummary",
     "best_summary",

@@ -29,7 +29,6 @@ __all__ = [
     "StudyTracker",
     "connect",
     "server_command",
-    "ui_url",
 ]
 
 log = logging.getLogger(__name__)
@@ -53,13 +52,6 @@ def server_command(
     if artifacts is not None:
         command += ["--artifacts-destination", artifacts]
     return [*command, "--host", host, "--port", str(port), "--workers", "1"]
-
-
-def ui_url(base: str, experiment_id: str, run_id: str | None = None) -> str:
-    """A page of the MLflow UI. MLflow 3's UI opens experiments on its GenAI pages unless told
-    ``workflowType=machine_learning``; with it, a study opens on its runs and charts."""
-    page = f"experiments/{experiment_id}" + (f"/runs/{run_id}" if run_id else "")
-    return f"{base.rstrip('/')}/#/{page}?workflowType=machine_learning"
 
 
 def _is_remote(uri: str) -> bool:

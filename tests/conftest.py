@@ -11,6 +11,7 @@ import sys
 import time
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -74,9 +75,9 @@ def mlflow_server(tmp_path_factory) -> Iterator[MlflowServer]:
             process.kill()
 
 
-@pytest.fixture
-def postgres_url() -> Iterator[str]:
-    """A fresh PostgreSQL database for one test, dropped afterwards."""
+@contextmanager
+def fresh_postgres_database() -> Iterator[str]:
+    """A new, empty PostgreSQL database on the server of HPO_TEST_POSTGRES_URL, dropped after."""
     base = os.environ.get("HPO_TEST_POSTGRES_URL")
     if not base:
         pytest.skip("set HPO_TEST_POSTGRES_URL (a PostgreSQL URL allowed to CREATE DATABASE)")
@@ -93,6 +94,13 @@ def postgres_url() -> Iterator[str]:
         with admin.connect() as conn:
             conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
         admin.dispose()
+
+
+@pytest.fixture
+def postgres_url() -> Iterator[str]:
+    """A fresh PostgreSQL database for one test."""
+    with fresh_postgres_database() as url:
+        yield url
 
 
 @dataclass

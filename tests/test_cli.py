@@ -14,8 +14,8 @@ import requests
 import torch
 from mlflow.tracking import MlflowClient
 
+from service.links import ui_url
 from service.search import KNOBS
-from service.tracking import ui_url
 from service.training import exponential_decay
 from tests.conftest import TINY_DIGITS, free_port, wait_for_http, write_experiment
 
