@@ -38,13 +38,12 @@ def start_mlflow(root: Path) -> tuple[subprocess.Popen, str]:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    log = (root / "mlflow.log").open("w")
-    from service.tracking import server_command
+    from service.mlflow_server import start_server
 
-    command = server_command(
-        f"sqlite:///{root / 'mlflow.db'}", port=port, artifacts=str(root / "artifacts")
-    )
-    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+    with (root / "mlflow.log").open("w") as log:
+        process = start_server(
+            f"sqlite:///{root / 'mlflow.db'}", port=port, artifacts=str(root / "artifacts"), log=log
+        )
     url = f"http://127.0.0.1:{port}"
     for _ in range(600):
         try:
@@ -52,7 +51,9 @@ def start_mlflow(root: Path) -> tuple[subprocess.Popen, str]:
                 return process, url
         except requests.RequestException:
             time.sleep(0.2)
-    process.kill()
+    from service.mlflow_server import stop_server
+
+    stop_server(process)
     raise SystemExit("mlflow server did not start")
 
 
@@ -160,6 +161,8 @@ def main() -> None:
 
     import optuna
 
+    from service.mlflow_server import stop_server
+
     with tempfile.TemporaryDirectory(prefix="hpo-bench-") as tmp:
         root = Path(tmp)
         text = args.experiment.read_text()
@@ -185,8 +188,7 @@ def main() -> None:
                 hpo_cmd += ["--pack", str(args.pack)]
             hpo_s, hpo_out = timed(hpo_cmd, env)
         finally:
-            server.terminate()
-            server.wait(timeout=30)
+            stop_server(server)
 
         base_best = optuna.load_study(study_name="baseline", storage=base_storage).best_value
         hpo_study = optuna.load_study(

@@ -6,7 +6,6 @@ import json
 import logging
 import os
 import signal
-import subprocess
 import sys
 import warnings
 from pathlib import Path
@@ -44,9 +43,15 @@ TrackingOpt = Annotated[
 
 
 def _settings(**overrides: Any):
+    from pydantic import ValidationError
+
     from service.settings import Settings
 
-    return Settings(**{k: v for k, v in overrides.items() if v is not None})
+    try:
+        return Settings(**{k: v for k, v in overrides.items() if v is not None})
+    except ValidationError as exc:
+        first = exc.errors(include_url=False)[0]
+        raise HPOError(f"settings: {first['msg'].removeprefix('Value error, ')}") from None
 
 
 class Terminated(KeyboardInterrupt):
@@ -151,6 +156,11 @@ def run(
 
     counts = ", ".join(f"{n} {s.lower()}" for s, n in sorted(report.counts.items())) or "no trials"
     console.print(f"{report.trials_run} trials in {report.elapsed:.1f}s: {counts}")
+    if report.row_failures:
+        err_console.print(
+            f"warning: {report.row_failures} trial row(s) could not be written to the service "
+            f"database; `hpo sync {report.study_name}` rebuilds them"
+        )
     if report.best is not None:
         _print_best(report.best)
     else:
@@ -167,6 +177,8 @@ def run(
     console.print(f"    {ui_url(base, report.mlflow_experiment_id)}", soft_wrap=True)
     flags = "" if settings.storage is None else " --storage URL"
     console.print(f"  the best config:   hpo best {report.study_name}{flags} --json")
+    api = f"http://{settings.api_host}:{settings.api_port}/api/v1/studies/{report.study_name}"
+    console.print(f"  over REST:         hpo serve, then GET {api}/best", soft_wrap=True)
     console.print(f"  every study:       hpo status{flags}")
 
 
@@ -235,26 +247,30 @@ def ui(
     tracking_uri: TrackingOpt = None,
 ) -> None:
     """Start the MLflow server and UI on the configured tracking database."""
-    from service.tracking import server_command
+    from service.mlflow_server import start_server, stop_server
 
     settings = _settings(ui_port=port, ui_host=host, tracking_uri=tracking_uri)
     if settings.tracking.startswith(("http://", "https://")):
         raise HPOError(f"tracking goes to a server already: open {settings.tracking} in a browser")
     settings.home.mkdir(parents=True, exist_ok=True)
-    command = server_command(
-        settings.tracking,
-        host=settings.ui_host,
-        port=settings.ui_port,
-        artifacts=str(settings.artifacts_dir),
-    )
     console.print(
         f"MLflow UI at http://{settings.ui_host}:{settings.ui_port}  (Ctrl-C stops it); "
         "pick 'Model training' at the top left to see studies' runs and charts"
     )
+    process = start_server(
+        settings.tracking,
+        host=settings.ui_host,
+        port=settings.ui_port,
+        artifacts=str(settings.artifacts_dir),
+        log=sys.stdout,
+    )
+    signal.signal(signal.SIGTERM, _terminate)
     try:
-        code = subprocess.call(command)
+        code = process.wait()
     except KeyboardInterrupt:
         code = 0
+    finally:
+        stop_server(process)
     raise typer.Exit(code)
 
 
@@ -343,6 +359,7 @@ def serve(
     ] = None,
     port: Annotated[int | None, typer.Option(help="Port (env HPO_API_PORT; default 8000)")] = None,
     db_url: DbUrlOpt = None,
+    workers: Annotated[int, typer.Option(min=1, help="Worker processes")] = 1,
 ) -> None:
     """Serve the REST API (OpenAPI docs at /docs). Set HPO_API_TOKEN to require a bearer token."""
     import uvicorn
@@ -357,8 +374,21 @@ def serve(
     ensure_schema(engine, auto_upgrade=settings.db_url is None)
     auth = "bearer token required" if settings.api_token else "no token (HPO_API_TOKEN unset)"
     console.print(f"API at http://{settings.api_host}:{settings.api_port}  docs at /docs  ({auth})")
+    if workers == 1:
+        uvicorn.run(
+            create_app(settings, engine=engine),
+            host=settings.api_host,
+            port=settings.api_port,
+            log_level="warning",
+        )
+        return
+    engine.dispose()
+    # Each worker process builds its own app from the environment, so hand the flags on there.
+    os.environ["HPO_DB_URL"] = settings.database_url
     uvicorn.run(
-        create_app(settings, engine=engine),
+        "service.api.app:create_app",
+        factory=True,
+        workers=workers,
         host=settings.api_host,
         port=settings.api_port,
         log_level="warning",

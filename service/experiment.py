@@ -272,7 +272,7 @@ class SearchSection(Section):
     pruner: Literal["median", "none"] = "median"
     pruner_startup_trials: int = Field(default=5, ge=0)
     pruner_warmup_steps: int = Field(default=0, ge=0)
-    seed: int = 0
+    seed: int = Field(default=0, ge=0, le=2**32 - 1)
     pack: int = Field(default=8, ge=1, description="trials trained together in one pack")
     space: SearchSpace = SearchSpace()
 

@@ -12,10 +12,13 @@ from typing import Any
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
-from sqlalchemy import Engine, insert, select, update
+from sqlalchemy import Engine, delete, select, text, update
+from sqlalchemy.dialects.postgresql import insert as postgresql_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
 from service.db.engine import make_sessionmaker
 from service.db.models import StudyRow, TrialRow
+from service.errors import StudyError
 from service.experiment import KNOBS
 
 __all__ = [
@@ -29,6 +32,9 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 FINAL_METRICS = ("val_loss", "ema_val_loss", "val_accuracy", "ema_val_accuracy")
+
+
+_UPSERTS = {"postgresql": postgresql_insert, "sqlite": sqlite_insert}
 
 
 def _now() -> datetime:
@@ -62,8 +68,8 @@ def trial_fields(trial: FrozenTrial, metrics: Mapping[str, float] | None = None)
     for name in KNOBS:
         if name in trial.params:
             fields[name] = trial.params[name]
-    if metrics is not None:
-        fields |= {name: _finite(metrics.get(name)) for name in FINAL_METRICS}
+    if metrics is not None:  # only what is known: a missing metric keeps the row's value
+        fields |= {name: _finite(metrics[name]) for name in FINAL_METRICS if name in metrics}
     return fields
 
 
@@ -83,23 +89,40 @@ class Registry:
         experiment_text: str | None,
         mlflow_experiment_id: str | None,
         mlflow_parent_run_id: str | None,
-        status: str = "running",
+        status: str | None = "running",
+        read_at: datetime | None = None,
     ) -> int:
-        """Create or update the study's row; returns its id."""
+        """Create or update the study's row; returns its id. What is given as None (no MLflow
+        link, no status) keeps the value the row already has, and so does a status that
+        changed after ``read_at`` (a sync's snapshot)."""
         with self.sessions.begin() as session:
             row = session.scalar(select(StudyRow).where(StudyRow.name == name))
             if row is None:
-                row = StudyRow(name=name, created_at=_now())
+                row = StudyRow(name=name, created_at=_now(), status=status or "finished")
                 session.add(row)
+            elif read_at is not None and row.finished_at is not None and row.finished_at > read_at:
+                status = None
             row.experiment_name = experiment_name
             row.spec = dict(spec)
-            row.experiment_text = experiment_text
-            row.mlflow_experiment_id = mlflow_experiment_id
-            row.mlflow_parent_run_id = mlflow_parent_run_id
-            row.status = status
-            row.finished_at = None if status == "running" else row.finished_at or _now()
+            known = {
+                "experiment_text": experiment_text,
+                "mlflow_experiment_id": mlflow_experiment_id,
+                "mlflow_parent_run_id": mlflow_parent_run_id,
+                "status": status,
+            }
+            for key, value in known.items():
+                if value is not None:
+                    setattr(row, key, value)
+            if row.status == "running":
+                row.finished_at = None
+            elif row.finished_at is None:
+                row.finished_at = _now()
             session.flush()
             return row.id
+
+    def study_status(self, name: str) -> str | None:
+        with self.sessions() as session:
+            return session.scalar(select(StudyRow.status).where(StudyRow.name == name))
 
     def finish_study(self, name: str, status: str) -> None:
         with self.sessions.begin() as session:
@@ -109,30 +132,54 @@ class Registry:
                 .values(status=status, finished_at=_now())
             )
 
-    def record_trials(self, study_id: int, rows: Iterable[tuple[int, Mapping[str, Any]]]) -> int:
-        """Insert or update trial rows, given as ``(number, fields)``; returns how many."""
+    def record_trials(
+        self,
+        study_id: int,
+        rows: Iterable[tuple[int, Mapping[str, Any]]],
+        *,
+        read_at: datetime | None = None,
+    ) -> int:
+        """Insert or update trial rows, given as ``(number, fields)``; returns how many.
+
+        One upsert (``INSERT … ON CONFLICT DO UPDATE``), so two writers never collide. With
+        ``read_at`` (when a sync read Optuna and MLflow), a row written since is left alone:
+        its writer knew more than the sync did.
+        """
         rows = list(rows)
         if not rows:
             return 0
         now = _now()
+        dialect_insert = _UPSERTS[self.engine.dialect.name]
+        values = [{"study_id": study_id, "number": n, **f, "updated_at": now} for n, f in rows]
         with self.sessions.begin() as session:
-            query = select(TrialRow.number, TrialRow.id).where(TrialRow.study_id == study_id)
-            if len(rows) < 1000:  # else reading the whole study is cheaper than a huge IN
-                query = query.where(TrialRow.number.in_([number for number, _ in rows]))
-            existing = dict(session.execute(query).all())
-            inserts, updates = [], []
-            for number, fields in rows:
-                values = {**fields, "updated_at": now}
-                if number in existing:
-                    updates.append({"id": existing[number], **values})
-                else:
-                    inserts.append({"study_id": study_id, "number": number, **values})
-            # Bulk statements: one round trip for many rows (hpo sync of a large study).
-            for batch in _same_keys(inserts):
-                session.execute(insert(TrialRow), batch)
-            for batch in _same_keys(updates):
-                session.execute(update(TrialRow), batch)
+            for batch in _same_keys(values):
+                statement = dialect_insert(TrialRow)
+                changed = [key for key in batch[0] if key not in ("study_id", "number")]
+                statement = statement.on_conflict_do_update(
+                    index_elements=["study_id", "number"],
+                    set_={key: statement.excluded[key] for key in changed},
+                    where=None if read_at is None else TrialRow.updated_at <= read_at,
+                )
+                session.execute(statement, batch)
         return len(rows)
+
+    def forget_trials_from(self, study_id: int, number: int, *, read_at: datetime) -> None:
+        """Delete rows of trials Optuna does not have (numbers from ``number`` on): a study
+        deleted and created again under the same name."""
+        with self.sessions.begin() as session:
+            session.execute(
+                delete(TrialRow).where(
+                    TrialRow.study_id == study_id,
+                    TrialRow.number >= number,
+                    TrialRow.updated_at <= read_at,
+                )
+            )
+
+    def analyze(self) -> None:
+        """Refresh the planner's statistics after a bulk load (PostgreSQL plans badly without)."""
+        if self.engine.dialect.name == "postgresql":
+            with self.sessions.begin() as session:
+                session.execute(text("ANALYZE trials"))
 
     def record_trial(self, study_id: int, number: int, fields: Mapping[str, Any]) -> None:
         self.record_trials(study_id, [(number, fields)])
@@ -170,8 +217,17 @@ def _run_metrics(client: Any, experiment_id: str) -> dict[str, dict[str, float]]
 def sync_study(study: optuna.Study, registry: Registry, *, client: Any | None = None) -> SyncReport:
     """Rebuild a study's rows from Optuna (states, values, knobs) and, when ``client`` is given,
     MLflow (final metrics, run links). Running it again gives the same rows."""
-    from service.studies import ATTR_EXPERIMENT, ATTR_EXPERIMENT_NAME, ATTR_EXPERIMENT_TEXT
+    from service.studies import (
+        ATTR_EXPERIMENT,
+        ATTR_EXPERIMENT_NAME,
+        ATTR_EXPERIMENT_TEXT,
+        ATTR_FINGERPRINT,
+    )
 
+    if ATTR_FINGERPRINT not in study.user_attrs:
+        raise StudyError(f"study {study.study_name!r} was not created by hpo; nothing to sync")
+    # What is written after this moment is newer than what is read below, and stays.
+    read_at = _now()
     experiment_id = parent_run_id = None
     run_metrics: dict[str, dict[str, float]] = {}
     if client is not None:
@@ -185,7 +241,12 @@ def sync_study(study: optuna.Study, registry: Registry, *, client: Any | None = 
             run_metrics = _run_metrics(client, experiment_id)
 
     trials = study.get_trials(deepcopy=False)
-    running = any(t.state in (TrialState.RUNNING, TrialState.WAITING) for t in trials)
+    if any(t.state in (TrialState.RUNNING, TrialState.WAITING) for t in trials):
+        status = "running"
+    elif registry.study_status(study.study_name) in (None, "running"):
+        status = "finished"  # nothing runs any more, whatever the last writer said
+    else:
+        status = None  # failed or interrupted, as the runner left it
     attrs = study.user_attrs
     study_id = registry.record_study(
         name=study.study_name,
@@ -194,7 +255,8 @@ def sync_study(study: optuna.Study, registry: Registry, *, client: Any | None = 
         experiment_text=attrs.get(ATTR_EXPERIMENT_TEXT),
         mlflow_experiment_id=experiment_id,
         mlflow_parent_run_id=parent_run_id,
-        status="running" if running else "finished",
+        status=status,
+        read_at=read_at,
     )
     rows = []
     with_metrics = 0
@@ -202,5 +264,7 @@ def sync_study(study: optuna.Study, registry: Registry, *, client: Any | None = 
         metrics = run_metrics.get(trial.user_attrs.get("mlflow_run_id", ""))
         with_metrics += metrics is not None
         rows.append((trial.number, trial_fields(trial, metrics)))
-    registry.record_trials(study_id, rows)
+    registry.record_trials(study_id, rows, read_at=read_at)
+    registry.forget_trials_from(study_id, len(trials), read_at=read_at)
+    registry.analyze()
     return SyncReport(study.study_name, len(rows), with_metrics, client is not None)

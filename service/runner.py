@@ -132,6 +132,7 @@ class _StudyHooks:
         self.registry, self.study_id, self.device = registry, study_id, device
         self.n_trials, self.on_progress = n_trials, on_progress
         self.row_failures = 0
+        self.consecutive_row_failures = 0
         self.asked = 0
         self.live: dict[int, tuple[optuna.Trial, str]] = {}
         self.counts: Counter[str] = Counter()
@@ -216,12 +217,20 @@ class _StudyHooks:
         return frozen
 
     def _row(self, number: int, fields: dict[str, Any]) -> None:
-        """Write the trial's row; a failed write is counted, not fatal: `hpo sync` repairs it."""
+        """Write the trial's row; a failed write is counted, not fatal: `hpo sync` repairs it.
+        After a few failures in a row the database is taken to be gone, and training stops
+        waiting on it."""
+        if self.consecutive_row_failures >= 3:
+            self.row_failures += 1
+            return
         try:
             self.registry.record_trial(self.study_id, number, fields)
         except Exception as exc:
             self.row_failures += 1
+            self.consecutive_row_failures += 1
             log.warning("could not write the row of trial %d: %s", number, exc)
+        else:
+            self.consecutive_row_failures = 0
 
     def abort(self, reason: str) -> None:
         """Fail every trial still training, so none is left RUNNING; one that cannot be
@@ -341,14 +350,18 @@ def run_study(
         experiment_file=source,
         experiment_text=experiment.source_text,
     )
-    study_id = registry.record_study(
-        name=name,
-        experiment_name=study.user_attrs[ATTR_EXPERIMENT_NAME],
-        spec=experiment.identity(),
-        experiment_text=experiment.source_text,
-        mlflow_experiment_id=tracker.experiment_id,
-        mlflow_parent_run_id=parent,
-    )
+    try:
+        study_id = registry.record_study(
+            name=name,
+            experiment_name=study.user_attrs[ATTR_EXPERIMENT_NAME],
+            spec=experiment.identity(),
+            experiment_text=experiment.source_text,
+            mlflow_experiment_id=tracker.experiment_id,
+            mlflow_parent_run_id=parent,
+        )
+    except Exception as exc:
+        _finish(tracker, study, knobs, status="FAILED")
+        raise HPOError(f"the service database cannot be written: {exc}".splitlines()[0]) from exc
     report = StudyReport(
         study_name=name,
         storage_url=safe_url(settings.storage_url),
@@ -371,14 +384,21 @@ def run_study(
         interrupted = isinstance(exc, KeyboardInterrupt | SystemExit)
         hooks.abort("interrupted" if interrupted else f"{type(exc).__name__}: {exc}")
         status = "KILLED" if interrupted else "FAILED"
-        try:
-            registry.finish_study(name, "interrupted" if interrupted else "failed")
-            _finish(tracker, study, knobs, status=status)
-        except Exception as cleanup:  # the original error is the one to report
-            log.warning("could not close the study's rows and MLflow runs: %s", cleanup)
+        for cleanup in (
+            lambda: _finish(tracker, study, knobs, status=status),
+            lambda: registry.finish_study(name, "interrupted" if interrupted else "failed"),
+        ):
+            try:
+                cleanup()
+            except Exception as error:  # the original error is the one to report
+                log.warning("could not close the study after %s: %s", type(exc).__name__, error)
         raise
-    registry.finish_study(name, "finished")
     _finish(tracker, study, knobs, status="FINISHED")
+    try:
+        registry.finish_study(name, "finished")
+    except Exception as exc:
+        hooks.row_failures += 1
+        log.warning("could not mark the study finished in the service database: %s", exc)
     report.row_failures = hooks.row_failures
     report.counts = dict(hooks.counts)
     report.best = _best_or_none(study)

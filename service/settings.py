@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import AliasChoices, Field, SecretStr
+from pydantic import AliasChoices, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 __all__ = ["Settings"]
@@ -43,6 +43,13 @@ class Settings(BaseSettings):
     api_token: SecretStr | None = Field(
         default=None, description="when set, /api/v1 needs 'Authorization: Bearer <token>'"
     )
+
+    @field_validator("api_token")
+    @classmethod
+    def _token_not_empty(cls, token: SecretStr | None) -> SecretStr | None:
+        if token is not None and not token.get_secret_value().strip():
+            raise ValueError("HPO_API_TOKEN is set but empty: set a token, or unset it")
+        return token
 
     @property
     def storage_url(self) -> str:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import logging
 import queue
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -28,7 +27,6 @@ __all__ = [
     "MetricShipper",
     "StudyTracker",
     "connect",
-    "server_command",
 ]
 
 log = logging.getLogger(__name__)
@@ -37,21 +35,6 @@ MAX_BATCH = 1000  # MLflow's limit of metrics per log_batch request
 EXPERIMENT_KIND = "custom_model_development"
 # Optuna trial state → MLflow run status
 RUN_STATUS = {"COMPLETE": "FINISHED", "PRUNED": "KILLED", "FAIL": "FAILED"}
-
-
-def server_command(
-    backend_store_uri: str,
-    *,
-    host: str = "127.0.0.1",
-    port: int = 5000,
-    artifacts: str | None = None,
-) -> list[str]:
-    """The ``mlflow server`` command for a backend store; ``artifacts`` is a local folder the
-    server keeps artifacts in and serves (proxied uploads and downloads)."""
-    command = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", backend_store_uri]
-    if artifacts is not None:
-        command += ["--artifacts-destination", artifacts]
-    return [*command, "--host", host, "--port", str(port), "--workers", "1"]
 
 
 def _is_remote(uri: str) -> bool:

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from service.tracking import server_command
+from service.mlflow_server import start_server, stop_server
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -58,21 +58,16 @@ def mlflow_server(tmp_path_factory) -> Iterator[MlflowServer]:
     root = tmp_path_factory.mktemp("mlflow-server")
     port = free_port()
     log = root / "server.log"
-    command = server_command(
-        f"sqlite:///{root / 'mlflow.db'}", port=port, artifacts=str(root / "artifacts")
-    )
     with log.open("w") as out:
-        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, cwd=root)
+        process = start_server(
+            f"sqlite:///{root / 'mlflow.db'}", port=port, artifacts=str(root / "artifacts"), log=out
+        )
     url = f"http://127.0.0.1:{port}"
     try:
         wait_for_http(f"{url}/health", process=process)
         yield MlflowServer(url, process, log)
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            process.kill()
+        stop_server(process)
 
 
 @contextmanager

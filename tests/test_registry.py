@@ -1,39 +1,63 @@
-"""The service's rows: written by `hpo run` as trials change state, rebuilt by `hpo sync`."""
+"""The service's rows: written by `hpo run` as trials change state, rebuilt by `hpo sync`,
+on SQLite and on PostgreSQL."""
 
 from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
 
 import optuna
 import pytest
 from mlflow.tracking import MlflowClient
-from sqlalchemy import delete, select
+from sqlalchemy import delete, select, update
 
 from service.db.engine import make_engine, make_sessionmaker
+from service.db.migrations import upgrade
 from service.db.models import StudyRow, TrialRow
 from service.experiment import KNOBS
+from service.registry import Registry
+from tests.conftest import fresh_postgres_database
 
-pytestmark = pytest.mark.e2e
+BACKENDS = ["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)]
+
+
+@pytest.fixture(params=BACKENDS)
+def db_url(request, tmp_path):
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'service.db'}"
+    else:
+        with fresh_postgres_database() as url:
+            yield url
 
 
 def snapshot(db_url: str) -> dict:
-    """Every row of the service's tables, without the write timestamps."""
+    """Every row of the service's tables, without ids and write timestamps."""
     engine = make_engine(db_url)
+    study_columns = (
+        "experiment_name",
+        "spec",
+        "mlflow_experiment_id",
+        "mlflow_parent_run_id",
+        "status",
+    )
+    trial_columns = [c.key for c in TrialRow.__table__.columns if c.key not in ("id", "updated_at")]
     with make_sessionmaker(engine)() as session:
         studies = {
-            s.name: {c: getattr(s, c) for c in ("experiment_name", "spec", "mlflow_experiment_id",
-                                                 "mlflow_parent_run_id", "status")}
+            s.name: {c: getattr(s, c) for c in study_columns}
             for s in session.scalars(select(StudyRow))
-        }  # fmt: skip
-        columns = [c.key for c in TrialRow.__table__.columns if c.key not in ("id", "updated_at")]
+        }
         trials = {
-            t.number: {c: getattr(t, c) for c in columns} for t in session.scalars(select(TrialRow))
+            t.number: {c: getattr(t, c) for c in trial_columns}
+            for t in session.scalars(select(TrialRow))
         }
     engine.dispose()
     return {"studies": studies, "trials": trials}
 
 
-def test_run_writes_rows_and_sync_rebuilds_them(hpo, tiny_experiment):
+@pytest.mark.e2e
+def test_run_writes_rows_and_sync_rebuilds_them(hpo, tiny_experiment, db_url):
+    assert hpo("db", "upgrade", "--db-url", db_url).returncode == 0
+    hpo.env["HPO_DB_URL"] = db_url
     assert hpo("run", str(tiny_experiment), "--trials", "3").returncode == 0
-    db_url = f"sqlite:///{hpo.home / 'service.db'}"
     written = snapshot(db_url)
 
     study = optuna.load_study(study_name="tiny", storage=hpo.storage)
@@ -48,32 +72,73 @@ def test_run_writes_rows_and_sync_rebuilds_them(hpo, tiny_experiment):
         assert row["ema_val_loss"] == pytest.approx(metrics["ema_val_loss"])
         assert row["val_accuracy"] == pytest.approx(metrics["val_accuracy"])
         assert row["device"] == "cpu" and row["duration_s"] > 0
+        assert row["started_at"].tzinfo is not None
 
-    # A crash lost the rows: sync brings every one back, as it was.
+    # Rows lost, garbled, or left over from another study of the same name: sync repairs all.
     engine = make_engine(db_url)
     with make_sessionmaker(engine).begin() as session:
-        session.execute(delete(TrialRow).where(TrialRow.number != 1))
+        session.execute(delete(TrialRow).where(TrialRow.number == 0))
+        garbage = {
+            c: None for c in written["trials"][1] if c not in ("number", "study_id", "state")
+        }
         session.execute(
-            TrialRow.__table__.update().where(TrialRow.number == 1).values(state="RUNNING")
+            update(TrialRow).where(TrialRow.number == 1).values(state="RUNNING", **garbage)
         )
+        study_id = session.scalar(select(StudyRow.id))
+        stale = dict(written["trials"][2], number=99, study_id=study_id)
+        session.add(TrialRow(**stale, updated_at=datetime.now(UTC) - timedelta(days=1)))
     engine.dispose()
     synced = hpo("sync", "tiny")
     assert synced.returncode == 0, synced.stderr
     assert "3 trial rows rebuilt from Optuna and MLflow (3 with MLflow metrics)" in synced.stdout
     rebuilt = snapshot(db_url)
+    assert set(rebuilt["trials"]) == {0, 1, 2}
     for number, row in written["trials"].items():
         for key, value in row.items():
             expected = pytest.approx(value, rel=1e-6) if isinstance(value, float) else value
             assert rebuilt["trials"][number][key] == expected, (number, key)
     assert rebuilt["studies"] == written["studies"]
 
-    # ...and syncing again changes nothing.
+    # ...syncing again changes nothing, and neither does a sync without MLflow.
     assert hpo("sync", "tiny").returncode == 0
+    assert snapshot(db_url) == rebuilt
+    assert hpo("sync", "tiny", "--no-mlflow").returncode == 0
     assert snapshot(db_url) == rebuilt
 
 
-def test_sync_of_an_unknown_study_is_one_line(hpo):
+def test_a_sync_never_overwrites_a_newer_row(db_url):
+    """What a sync read before a trial's writer wrote it is older, and is not written."""
+    upgrade(db_url)
+    engine = make_engine(db_url)
+    registry = Registry(engine)
+    study_id = registry.record_study(
+        name="s",
+        experiment_name="s",
+        spec={},
+        experiment_text=None,
+        mlflow_experiment_id=None,
+        mlflow_parent_run_id=None,
+    )
+    read_at = datetime.now(UTC)
+    registry.record_trial(study_id, 0, {"state": "COMPLETE", "value": 0.5})  # the runner, later
+    registry.record_trials(study_id, [(0, {"state": "RUNNING", "value": None})], read_at=read_at)
+    registry.record_trials(study_id, [(1, {"state": "RUNNING"})], read_at=read_at)  # new: kept
+    with make_sessionmaker(engine)() as session:
+        rows = {t.number: (t.state, t.value) for t in session.scalars(select(TrialRow))}
+    assert rows == {0: ("COMPLETE", 0.5), 1: ("RUNNING", None)}
+    registry.record_trials(study_id, [(0, {"state": "FAIL"})], read_at=datetime.now(UTC))
+    with make_sessionmaker(engine)() as session:
+        assert session.scalar(select(TrialRow.state).where(TrialRow.number == 0)) == "FAIL"
+    engine.dispose()
+
+
+@pytest.mark.e2e
+def test_sync_refuses_what_it_cannot_rebuild(hpo):
     result = hpo("sync", "ghost")
     assert result.returncode != 0
     assert "no study named 'ghost'" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+    optuna.create_study(study_name="foreign", storage=hpo.storage)
+    result = hpo("sync", "foreign")
+    assert result.returncode != 0
+    assert "study 'foreign' was not created by hpo" in result.stderr

@@ -54,7 +54,7 @@ def upgrade() -> None:
         sa.Column("ema_val_loss", sa.Float(), nullable=True),
         sa.Column("val_accuracy", sa.Float(), nullable=True),
         sa.Column("ema_val_accuracy", sa.Float(), nullable=True),
-        sa.Column("seed", sa.Integer(), nullable=True),
+        sa.Column("seed", sa.BigInteger(), nullable=True),
         sa.Column("duration_s", sa.Float(), nullable=True),
         sa.Column("mlflow_run_id", sa.String(length=64), nullable=True),
         sa.Column("device", sa.String(length=32), nullable=True),
@@ -72,19 +72,41 @@ def upgrade() -> None:
     )
     with op.batch_alter_table("trials", schema=None) as batch_op:
         batch_op.create_index(
-            "ix_trials_study_ema_val_loss", ["study_id", "ema_val_loss"], unique=False
+            "ix_trials_filters",
+            ["study_id", "state", "staircase", "lr_base", "decay_rate", "decay_steps", "ema_decay"],
+            unique=False,
         )
         batch_op.create_index(
-            "ix_trials_study_state_value", ["study_id", "state", "value"], unique=False
+            "ix_trials_study_ema_val_accuracy",
+            ["study_id", "ema_val_accuracy", "number"],
+            unique=False,
         )
-        batch_op.create_index("ix_trials_study_value", ["study_id", "value"], unique=False)
+        batch_op.create_index(
+            "ix_trials_study_ema_val_loss", ["study_id", "ema_val_loss", "number"], unique=False
+        )
+        batch_op.create_index(
+            "ix_trials_study_state_value", ["study_id", "state", "value", "number"], unique=False
+        )
+        batch_op.create_index(
+            "ix_trials_study_val_accuracy", ["study_id", "val_accuracy", "number"], unique=False
+        )
+        batch_op.create_index(
+            "ix_trials_study_val_loss", ["study_id", "val_loss", "number"], unique=False
+        )
+        batch_op.create_index(
+            "ix_trials_study_value", ["study_id", "value", "number"], unique=False
+        )
 
 
 def downgrade() -> None:
     with op.batch_alter_table("trials", schema=None) as batch_op:
         batch_op.drop_index("ix_trials_study_value")
+        batch_op.drop_index("ix_trials_study_val_loss")
+        batch_op.drop_index("ix_trials_study_val_accuracy")
         batch_op.drop_index("ix_trials_study_state_value")
         batch_op.drop_index("ix_trials_study_ema_val_loss")
+        batch_op.drop_index("ix_trials_study_ema_val_accuracy")
+        batch_op.drop_index("ix_trials_filters")
 
     op.drop_table("trials")
     with op.batch_alter_table("studies", schema=None) as batch_op:

@@ -6,11 +6,15 @@ in milliseconds and can run anywhere that reaches that database.
 
 from __future__ import annotations
 
+import logging
+from typing import Any
+
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from sqlalchemy import Engine, text
+from sqlalchemy.exc import DBAPIError
 from starlette.exceptions import HTTPException
 
 from service import __version__
@@ -21,6 +25,8 @@ from service.db.engine import make_engine, make_sessionmaker
 from service.settings import Settings
 
 __all__ = ["create_app"]
+
+log = logging.getLogger(__name__)
 
 health = APIRouter(tags=["health"])
 
@@ -43,6 +49,11 @@ async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
     return JSONResponse(
         {"message": str(exc.detail)}, status_code=exc.status_code, headers=exc.headers
     )
+
+
+async def _database_down(request: Request, exc: DBAPIError) -> JSONResponse:
+    log.warning("service database error: %s", exc)
+    return JSONResponse({"message": "the service database is unavailable"}, status_code=503)
 
 
 async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -69,18 +80,20 @@ def create_app(settings: Settings | None = None, *, engine: Engine | None = None
     app.state.sessions = make_sessionmaker(engine)
     app.add_exception_handler(HTTPException, _http_error)
     app.add_exception_handler(RequestValidationError, _invalid)
+    app.add_exception_handler(DBAPIError, _database_down)
 
     # The bearer scheme is declared (and enforced) only when a token is configured, so the
     # OpenAPI document says exactly what the server does.
     guarded = settings.api_token is not None
+    responses: dict[int | str, dict[str, Any]] = {
+        503: {"model": ErrorOut, "description": "the service database is unavailable"}
+    }
+    if guarded:
+        responses[401] = {"model": ErrorOut, "description": "missing or wrong bearer token"}
     api = APIRouter(
         prefix="/api/v1",
         dependencies=[Depends(require_token)] if guarded else [],
-        responses=(
-            {401: {"model": ErrorOut, "description": "missing or wrong bearer token"}}
-            if guarded
-            else {}
-        ),
+        responses=responses,
     )
     api.include_router(studies.router)
     api.include_router(experiments.router)

@@ -107,5 +107,5 @@ class StudyDetail(StudyOut):
 
 class ExperimentBestOut(BaseModel):
     experiment: str
-    best: BestOut | None = Field(description="the best trial over every study of the experiment")
-    studies: list[BestOut] = Field(description="each study's best, best first")
+    best: BestOut = Field(description="the best trial over every study of the experiment")
+    studies: list[BestOut] = Field(description="each study with a completed trial: its best")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import sys
 from pathlib import Path
 
 from alembic import command
@@ -22,7 +24,22 @@ __all__ = [
     "upgrade",
 ]
 
-ALEMBIC_DIR = Path(__file__).resolve().parents[2] / "alembic"
+
+def _alembic_dir() -> Path:
+    """The migrations: ``$HPO_ALEMBIC_DIR``, the repository's ``alembic/`` (a checkout or an
+    editable install), or the copy an installed package carries under ``share/``."""
+    candidates = [
+        Path(os.environ["HPO_ALEMBIC_DIR"]) if os.environ.get("HPO_ALEMBIC_DIR") else None,
+        Path(__file__).resolve().parents[2] / "alembic",
+        Path(sys.prefix) / "share" / "hpo-service" / "alembic",
+    ]
+    for candidate in candidates:
+        if candidate is not None and (candidate / "env.py").exists():
+            return candidate
+    return candidates[1]
+
+
+ALEMBIC_DIR = _alembic_dir()
 
 
 class SchemaError(HPOError):

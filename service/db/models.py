@@ -7,6 +7,7 @@ from typing import Any
 
 from sqlalchemy import (
     JSON,
+    BigInteger,
     Boolean,
     DateTime,
     Float,
@@ -44,9 +45,10 @@ class UTCDateTime(TypeDecorator[datetime]):
         return value.astimezone(UTC) if value is not None else None
 
     def process_result_value(self, value: datetime | None, dialect: Any) -> datetime | None:
-        if value is not None and value.tzinfo is None:
-            return value.replace(tzinfo=UTC)
-        return value
+        if value is None:
+            return None
+        # SQLite hands back naive UTC; PostgreSQL, aware times in the session's time zone
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
 
 
 class Base(DeclarativeBase):
@@ -74,16 +76,32 @@ class StudyRow(Base):
     )
 
 
+FINAL_METRIC_COLUMNS = ("val_loss", "ema_val_loss", "val_accuracy", "ema_val_accuracy")
+
+
 class TrialRow(Base):
     """One trial: its state, value, the five knobs as typed columns and its final metrics."""
 
     __tablename__ = "trials"
     __table_args__ = (
         UniqueConstraint("study_id", "number", name="uq_trials_study_id_number"),
-        # best-first listings and /best: the finished trials of a study in value order
-        Index("ix_trials_study_state_value", "study_id", "state", "value"),
-        Index("ix_trials_study_value", "study_id", "value"),
-        Index("ix_trials_study_ema_val_loss", "study_id", "ema_val_loss"),
+        # /best and best-first listings walk a study's trials in value order, ties by number,
+        # and stop after a page: the index gives that order without sorting the study
+        Index("ix_trials_study_state_value", "study_id", "state", "value", "number"),
+        Index("ix_trials_study_value", "study_id", "value", "number"),
+        # ... or in the order of a final metric
+        *(Index(f"ix_trials_study_{m}", "study_id", m, "number") for m in FINAL_METRIC_COLUMNS),
+        # every filter column, so counting the matches ("total") reads this index alone
+        Index(
+            "ix_trials_filters",
+            "study_id",
+            "state",
+            "staircase",
+            "lr_base",
+            "decay_rate",
+            "decay_steps",
+            "ema_decay",
+        ),
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
@@ -103,7 +121,7 @@ class TrialRow(Base):
     val_accuracy: Mapped[float | None] = mapped_column(Float)
     ema_val_accuracy: Mapped[float | None] = mapped_column(Float)
 
-    seed: Mapped[int | None] = mapped_column(Integer)
+    seed: Mapped[int | None] = mapped_column(BigInteger)
     duration_s: Mapped[float | None] = mapped_column(Float)
     mlflow_run_id: Mapped[str | None] = mapped_column(String(64))
     device: Mapped[str | None] = mapped_column(String(32))

@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import pytest
@@ -84,6 +85,7 @@ class Api:
         return requests.get(f"{self.url}{path}", params=params, headers=headers, timeout=30)
 
 
+@contextmanager
 def serve(hpo: Hpo, db_url: str, *, token: str | None = None) -> Iterator[Api]:
     """`hpo serve` on a free port of 127.0.0.1, over the given database."""
     port = free_port()
@@ -118,15 +120,18 @@ def api(request, studies) -> Iterator[Api]:
     """The API over the rows `hpo run` wrote (SQLite), or over PostgreSQL rows that
     `hpo db upgrade` and `hpo sync` built from the same Optuna and MLflow stores."""
     if request.param == "sqlite":
-        yield from serve(studies.hpo, sqlite_db(studies))
+        with serve(studies.hpo, sqlite_db(studies)) as api:
+            yield api
         return
     with fresh_postgres_database() as db_url:
         for args in (["db", "upgrade"], *(["sync", s] for s in ("mixed", "mixed-b", "doomed"))):
             result = studies.hpo(*args, "--db-url", db_url)
             assert result.returncode == 0, result.stderr
-        yield from serve(studies.hpo, db_url)
+        with serve(studies.hpo, db_url) as api:
+            yield api
 
 
 @pytest.fixture(scope="session")
 def api_with_token(studies) -> Iterator[Api]:
-    yield from serve(studies.hpo, sqlite_db(studies), token="s3cret-token")
+    with serve(studies.hpo, sqlite_db(studies), token="s3cret-token") as api:
+        yield api

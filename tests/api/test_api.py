@@ -8,11 +8,13 @@ import sys
 
 import optuna
 import pytest
+import sqlalchemy as sa
 from mlflow.tracking import MlflowClient
 
 from service.experiment import KNOBS
 from service.links import ui_url
-from tests.conftest import ROOT
+from tests.api.conftest import serve
+from tests.conftest import ROOT, Hpo, fresh_postgres_database
 
 pytestmark = pytest.mark.e2e
 
@@ -125,8 +127,10 @@ FILTERS = [
     {"staircase": True},
     {"staircase": False, "lr_base_min": 0.01},
     {"lr_base_min": 0.01, "lr_base_max": 10.0, "decay_rate_min": 0.85},
+    {"decay_rate_max": 0.9, "decay_steps_min": 3},
     {"decay_steps_max": 10, "order_by": "ema_val_loss"},
     {"ema_decay_min": 0.99, "order_by": "val_accuracy"},
+    {"ema_decay_max": 0.995, "order_by": "val_loss", "direction": "desc"},
     {"order_by": "ema_val_accuracy", "direction": "asc"},
     {"order_by": "duration_s", "direction": "desc", "state": ["COMPLETE", "PRUNED"]},
 ]
@@ -137,6 +141,9 @@ FILTERS = [
 def test_filters_and_ordering_match_brute_force(api, filters, limit, offset):
     rows = all_trials(api)
     expected = brute_force(rows, **filters)
+    narrowing = {k for k in filters if k not in ("order_by", "direction")}
+    assert expected, "a filter case that keeps nothing checks nothing"
+    assert not narrowing or len(expected) < len(rows), "a filter that keeps all checks little"
     params = {
         k: ("true" if v is True else "false" if v is False else v) for k, v in filters.items()
     }
@@ -153,8 +160,6 @@ def test_best_across_the_studies_of_an_experiment(api, studies):
     )
     assert [(s["value"], s["study"]) for s in body["studies"]] == expected
     assert body["best"] == body["studies"][0]
-    doomed = api.get("/api/v1/experiments/doomed/best").json()
-    assert doomed["best"] is None and doomed["studies"] == []
 
 
 @pytest.mark.parametrize(
@@ -167,6 +172,11 @@ def test_best_across_the_studies_of_an_experiment(api, studies):
         ("/api/v1/studies/mixed/trials/999", 404, "study 'mixed' has no trial 999"),
         ("/api/v1/studies/doomed/best", 404, "has no completed trial yet (2 fail)"),
         ("/api/v1/experiments/nope/best", 404, "no study of experiment 'nope'"),
+        (
+            "/api/v1/experiments/doomed/best",
+            404,
+            "no study of experiment 'doomed' has a completed trial yet (studies: doomed)",
+        ),
         ("/api/v1/studies/mixed/trials?limit=-1", 422, "limit: Input should be greater"),
         ("/api/v1/studies/mixed/trials?offset=-5", 422, "offset: Input should be greater"),
         (
@@ -203,6 +213,34 @@ def test_bearer_token_is_enforced(api_with_token):
         assert response.headers["WWW-Authenticate"] == "Bearer"
         assert response.json() == {"message": "missing or wrong bearer token"}
     assert api_with_token.get("/api/v1/studies/mixed/best").status_code == 200
+
+
+def test_an_empty_token_is_refused(studies):
+    result = Hpo(studies.hpo.home, dict(studies.hpo.env, HPO_API_TOKEN=""))("serve")
+    assert result.returncode != 0
+    assert "HPO_API_TOKEN is set but empty" in result.stderr
+
+
+@pytest.mark.postgres
+def test_a_database_that_goes_away_gives_503_json(studies):
+    """The API's PostgreSQL database is dropped under it: JSON errors, not a 500 page."""
+    with fresh_postgres_database() as db_url:
+        assert studies.hpo("db", "upgrade", "--db-url", db_url).returncode == 0
+        assert studies.hpo("sync", "mixed", "--db-url", db_url).returncode == 0
+        with serve(studies.hpo, db_url) as api:
+            assert api.get("/api/v1/studies/mixed/best").status_code == 200
+            admin = sa.create_engine(
+                sa.engine.make_url(db_url).set(database="postgres"), isolation_level="AUTOCOMMIT"
+            )
+            with admin.connect() as conn:
+                name = sa.engine.make_url(db_url).database
+                conn.execute(sa.text(f'DROP DATABASE "{name}" WITH (FORCE)'))
+            admin.dispose()
+            response = api.get("/api/v1/studies/mixed/best")
+            assert response.status_code == 503
+            assert response.json() == {"message": "the service database is unavailable"}
+            health = api.get("/healthz")
+            assert health.status_code == 503 and health.json()["database"] == "unreachable"
 
 
 def test_the_api_never_imports_torch():

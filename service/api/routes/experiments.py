@@ -18,7 +18,10 @@ router = APIRouter(prefix="/experiments", tags=["experiments"])
     "/{experiment}/best",
     response_model=ExperimentBestOut,
     responses={
-        404: {"model": ErrorOut, "description": "no study of this experiment"},
+        404: {
+            "model": ErrorOut,
+            "description": "no study of this experiment, or none with a completed trial yet",
+        },
         422: {"model": ErrorOut, "description": "invalid parameters"},
     },
     summary="The best config of each study of an experiment, best first",
@@ -37,5 +40,11 @@ def experiment_best(
         trial = queries.best_trial(session, study.id)
         if trial is not None:
             bests.append(best_out(base, study, trial))
+    if not bests:
+        raise HTTPException(
+            status_code=404,
+            detail=f"no study of experiment {experiment!r} has a completed trial yet "
+            f"(studies: {', '.join(s.name for s in studies)})",
+        )
     bests.sort(key=lambda b: (b.value, b.study))
-    return ExperimentBestOut(experiment=experiment, best=bests[0] if bests else None, studies=bests)
+    return ExperimentBestOut(experiment=experiment, best=bests[0], studies=bests)
