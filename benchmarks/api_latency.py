@@ -96,7 +96,7 @@ def fill(optuna_url: str, mlflow_url: str, n: int, seed: int) -> str:
     from sqlalchemy import MetaData, Table, create_engine, func, select, text
 
     from service.experiment import parse_experiment
-    from service.studies import ATTR_EXPERIMENT, ATTR_EXPERIMENT_NAME
+    from service.studies import ATTR_EXPERIMENT, ATTR_EXPERIMENT_NAME, ATTR_FINGERPRINT
 
     values = knob_values(n, seed)
     run_ids = [uuid.uuid4().hex for _ in range(n)]
@@ -144,6 +144,7 @@ def fill(optuna_url: str, mlflow_url: str, n: int, seed: int) -> str:
     }
     study = optuna.create_study(study_name=STUDY, storage=optuna_url)
     spec = parse_experiment('name = "bench"')
+    study.set_user_attr(ATTR_FINGERPRINT, spec.fingerprint())
     study.set_user_attr(ATTR_EXPERIMENT, spec.identity())
     study.set_user_attr(ATTR_EXPERIMENT_NAME, STUDY)
     study.add_trials(
