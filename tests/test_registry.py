@@ -15,18 +15,6 @@ from service.db.migrations import upgrade
 from service.db.models import StudyRow, TrialRow
 from service.experiment import KNOBS
 from service.registry import Registry
-from tests.conftest import fresh_postgres_database
-
-BACKENDS = ["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)]
-
-
-@pytest.fixture(params=BACKENDS)
-def db_url(request, tmp_path):
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path / 'service.db'}"
-    else:
-        with fresh_postgres_database() as url:
-            yield url
 
 
 def snapshot(db_url: str) -> dict:
@@ -54,11 +42,11 @@ def snapshot(db_url: str) -> dict:
 
 
 @pytest.mark.e2e
-def test_run_writes_rows_and_sync_rebuilds_them(hpo, tiny_experiment, db_url):
-    assert hpo("db", "upgrade", "--db-url", db_url).returncode == 0
-    hpo.env["HPO_DB_URL"] = db_url
+def test_run_writes_rows_and_sync_rebuilds_them(hpo, tiny_experiment, service_db_url):
+    assert hpo("db", "upgrade", "--db-url", service_db_url).returncode == 0
+    hpo.env["HPO_DB_URL"] = service_db_url
     assert hpo("run", str(tiny_experiment), "--trials", "3").returncode == 0
-    written = snapshot(db_url)
+    written = snapshot(service_db_url)
 
     study = optuna.load_study(study_name="tiny", storage=hpo.storage)
     client = MlflowClient(f"sqlite:///{hpo.home / 'mlflow.db'}")
@@ -75,7 +63,7 @@ def test_run_writes_rows_and_sync_rebuilds_them(hpo, tiny_experiment, db_url):
         assert row["started_at"].tzinfo is not None
 
     # Rows lost, garbled, or left over from another study of the same name: sync repairs all.
-    engine = make_engine(db_url)
+    engine = make_engine(service_db_url)
     with make_sessionmaker(engine).begin() as session:
         session.execute(delete(TrialRow).where(TrialRow.number == 0))
         garbage = {
@@ -91,7 +79,7 @@ def test_run_writes_rows_and_sync_rebuilds_them(hpo, tiny_experiment, db_url):
     synced = hpo("sync", "tiny")
     assert synced.returncode == 0, synced.stderr
     assert "3 trial rows rebuilt from Optuna and MLflow (3 with MLflow metrics)" in synced.stdout
-    rebuilt = snapshot(db_url)
+    rebuilt = snapshot(service_db_url)
     assert set(rebuilt["trials"]) == {0, 1, 2}
     for number, row in written["trials"].items():
         for key, value in row.items():
@@ -101,15 +89,15 @@ def test_run_writes_rows_and_sync_rebuilds_them(hpo, tiny_experiment, db_url):
 
     # ...syncing again changes nothing, and neither does a sync without MLflow.
     assert hpo("sync", "tiny").returncode == 0
-    assert snapshot(db_url) == rebuilt
+    assert snapshot(service_db_url) == rebuilt
     assert hpo("sync", "tiny", "--no-mlflow").returncode == 0
-    assert snapshot(db_url) == rebuilt
+    assert snapshot(service_db_url) == rebuilt
 
 
-def test_a_sync_never_overwrites_a_newer_row(db_url):
+def test_a_sync_never_overwrites_a_newer_row(service_db_url):
     """What a sync read before a trial's writer wrote it is older, and is not written."""
-    upgrade(db_url)
-    engine = make_engine(db_url)
+    upgrade(service_db_url)
+    engine = make_engine(service_db_url)
     registry = Registry(engine)
     study_id = registry.record_study(
         name="s",

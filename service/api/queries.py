@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Literal
+from typing import Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from sqlalchemy import ColumnElement, func, select
@@ -24,17 +24,12 @@ __all__ = [
     "studies_of_experiment",
 ]
 
-STATES = ("COMPLETE", "PRUNED", "FAIL", "RUNNING", "WAITING")
-ORDER_FIELDS = (
-    "value",
-    "val_loss",
-    "ema_val_loss",
-    "val_accuracy",
-    "ema_val_accuracy",
-    "number",
-    "duration_s",
-)
 State = Literal["COMPLETE", "PRUNED", "FAIL", "RUNNING", "WAITING"]
+OrderField = Literal[
+    "value", "val_loss", "ema_val_loss", "val_accuracy", "ema_val_accuracy", "number", "duration_s"
+]
+STATES: tuple[str, ...] = get_args(State)
+ORDER_FIELDS: tuple[str, ...] = get_args(OrderField)
 INT32 = 2**31 - 1
 
 
@@ -53,15 +48,7 @@ class TrialQuery(BaseModel):
     decay_steps_max: int | None = Field(default=None, ge=0, le=INT32)
     ema_decay_min: float | None = Field(default=None, allow_inf_nan=False)
     ema_decay_max: float | None = Field(default=None, allow_inf_nan=False)
-    order_by: Literal[
-        "value",
-        "val_loss",
-        "ema_val_loss",
-        "val_accuracy",
-        "ema_val_accuracy",
-        "number",
-        "duration_s",
-    ] = Field(
+    order_by: OrderField = Field(
         default="value",
         description="best first by default: losses ascending, accuracies descending",
     )
