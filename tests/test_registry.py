@@ -130,3 +130,49 @@ def test_sync_refuses_what_it_cannot_rebuild(hpo):
     result = hpo("sync", "foreign")
     assert result.returncode != 0
     assert "study 'foreign' was not created by hpo" in result.stderr
+
+
+@pytest.mark.e2e
+@pytest.mark.postgres
+def test_a_lost_service_database_costs_rows_not_the_study(hpo, tmp_path, postgres_url):
+    """The service database goes away mid-study: training finishes, the run says which rows
+    are missing, and `hpo sync` puts them back once the database is there again."""
+    import subprocess
+    import sys
+
+    import sqlalchemy as sa
+
+    from tests.conftest import TINY_DIGITS, write_experiment
+
+    slow = TINY_DIGITS.replace("steps = 60", "steps = 3000").replace(
+        "eval_every = 20", "eval_every = 500"
+    )
+    path = write_experiment(tmp_path, slow)
+    assert hpo("db", "upgrade", "--db-url", postgres_url).returncode == 0
+    process = subprocess.Popen(
+        [sys.executable, "-m", "service.cli", "run", str(path), "--trials", "2", "--pack", "2"],
+        env=dict(hpo.env, HPO_DB_URL=postgres_url),
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert process.stdout.readline().startswith("study tiny: 2 trials")  # rows begin
+    url = sa.engine.make_url(postgres_url)
+    admin = sa.create_engine(url.set(database="postgres"), isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(sa.text(f'DROP DATABASE "{url.database}" WITH (FORCE)'))
+    out, err = process.communicate(timeout=300)
+    assert process.returncode == 0, err
+    assert "2 complete" in out
+    assert "could not be written to the service database; `hpo sync tiny` rebuilds them" in err
+
+    with admin.connect() as conn:
+        conn.execute(sa.text(f'CREATE DATABASE "{url.database}"'))
+    admin.dispose()
+    assert hpo("db", "upgrade", "--db-url", postgres_url).returncode == 0
+    synced = hpo("sync", "tiny", "--db-url", postgres_url)
+    assert synced.returncode == 0, synced.stderr
+    rows = snapshot(postgres_url)
+    assert {n: r["state"] for n, r in rows["trials"].items()} == {0: "COMPLETE", 1: "COMPLETE"}
+    assert rows["studies"]["tiny"]["status"] == "finished"
