@@ -247,10 +247,11 @@ def ui(
     tracking_uri: TrackingOpt = None,
 ) -> None:
     """Start the MLflow server and UI on the configured tracking database."""
+    from service.links import is_remote
     from service.mlflow_server import start_server, stop_server
 
     settings = _settings(ui_port=port, ui_host=host, tracking_uri=tracking_uri)
-    if settings.tracking.startswith(("http://", "https://")):
+    if is_remote(settings.tracking):
         raise HPOError(f"tracking goes to a server already: open {settings.tracking} in a browser")
     settings.home.mkdir(parents=True, exist_ok=True)
     console.print(
@@ -328,16 +329,13 @@ def sync(
     ] = False,
 ) -> None:
     """Rebuild STUDY's rows in the service's database from Optuna and MLflow (idempotent)."""
-    from service.db.engine import make_engine
-    from service.db.migrations import ensure_schema
+    from service.db.migrations import open_database
     from service.registry import Registry, sync_study
     from service.studies import load_study, open_storage
 
     _quiet_libraries()
     settings = _settings(storage=storage, tracking_uri=tracking_uri, db_url=db_url)
-    settings.ensure_home()
-    engine = make_engine(settings.database_url)
-    ensure_schema(engine, auto_upgrade=settings.db_url is None)
+    engine = open_database(settings)
     optuna_study = load_study(study, open_storage(settings.storage_url))
     client = None
     if not no_mlflow:
@@ -365,13 +363,10 @@ def serve(
     import uvicorn
 
     from service.api.app import create_app
-    from service.db.engine import make_engine
-    from service.db.migrations import ensure_schema
+    from service.db.migrations import open_database
 
     settings = _settings(api_host=host, api_port=port, db_url=db_url)
-    settings.ensure_home()
-    engine = make_engine(settings.database_url)
-    ensure_schema(engine, auto_upgrade=settings.db_url is None)
+    engine = open_database(settings)
     auth = "bearer token required" if settings.api_token else "no token (HPO_API_TOKEN unset)"
     console.print(f"API at http://{settings.api_host}:{settings.api_port}  docs at /docs  ({auth})")
     if workers == 1:

@@ -1,6 +1,13 @@
 """Links into the MLflow UI (kept free of heavy imports: the REST API uses it)."""
 
-__all__ = ["ui_url"]
+from urllib.parse import urlparse
+
+__all__ = ["is_remote", "ui_url"]
+
+
+def is_remote(uri: str) -> bool:
+    """Whether a tracking URI is a server (HTTP), not a database the client opens itself."""
+    return urlparse(uri).scheme in ("http", "https")
 
 
 def ui_url(base: str, experiment_id: str, run_id: str | None = None) -> str:

@@ -17,27 +17,25 @@ from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
 from service.db.engine import make_sessionmaker
-from service.db.models import StudyRow, TrialRow
+from service.db.models import FINAL_METRICS, StudyRow, TrialRow
 from service.errors import StudyError
 from service.experiment import KNOBS
 
 __all__ = [
-    "FINAL_METRICS",
     "Registry",
     "SyncReport",
     "sync_study",
     "trial_fields",
+    "utcnow",
 ]
 
 log = logging.getLogger(__name__)
-
-FINAL_METRICS = ("val_loss", "ema_val_loss", "val_accuracy", "ema_val_accuracy")
 
 
 _UPSERTS = {"postgresql": postgresql_insert, "sqlite": sqlite_insert}
 
 
-def _now() -> datetime:
+def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
@@ -98,7 +96,7 @@ class Registry:
         with self.sessions.begin() as session:
             row = session.scalar(select(StudyRow).where(StudyRow.name == name))
             if row is None:
-                row = StudyRow(name=name, created_at=_now(), status=status or "finished")
+                row = StudyRow(name=name, created_at=utcnow(), status=status or "finished")
                 session.add(row)
             elif read_at is not None and row.finished_at is not None and row.finished_at > read_at:
                 status = None
@@ -116,7 +114,7 @@ class Registry:
             if row.status == "running":
                 row.finished_at = None
             elif row.finished_at is None:
-                row.finished_at = _now()
+                row.finished_at = utcnow()
             session.flush()
             return row.id
 
@@ -129,7 +127,7 @@ class Registry:
             session.execute(
                 update(StudyRow)
                 .where(StudyRow.name == name)
-                .values(status=status, finished_at=_now())
+                .values(status=status, finished_at=utcnow())
             )
 
     def record_trials(
@@ -148,7 +146,7 @@ class Registry:
         rows = list(rows)
         if not rows:
             return 0
-        now = _now()
+        now = utcnow()
         dialect_insert = _UPSERTS[self.engine.dialect.name]
         values = [{"study_id": study_id, "number": n, **f, "updated_at": now} for n, f in rows]
         with self.sessions.begin() as session:
@@ -227,7 +225,7 @@ def sync_study(study: optuna.Study, registry: Registry, *, client: Any | None = 
     if ATTR_FINGERPRINT not in study.user_attrs:
         raise StudyError(f"study {study.study_name!r} was not created by hpo; nothing to sync")
     # What is written after this moment is newer than what is read below, and stays.
-    read_at = _now()
+    read_at = utcnow()
     experiment_id = parent_run_id = None
     run_metrics: dict[str, dict[str, float]] = {}
     if client is not None:

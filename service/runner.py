@@ -8,7 +8,6 @@ import warnings
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from datetime import UTC, datetime
 from typing import Any
 
 import numpy as np
@@ -16,11 +15,10 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from service.datasets import Dataset, load_data
-from service.db.engine import make_engine
-from service.db.migrations import ensure_schema
+from service.db.migrations import open_database
 from service.errors import ExperimentError, HPOError, StudyError
 from service.experiment import KNOBS, Experiment, Knob
-from service.registry import Registry, trial_fields
+from service.registry import Registry, trial_fields, utcnow
 from service.search import grid_size, searched_params, suggest_schedule
 from service.settings import Settings
 from service.studies import (
@@ -73,10 +71,6 @@ class StudyReport:
     best: dict[str, Any] | None = None
     elapsed: float = 0.0
     row_failures: int = 0
-
-
-def _now() -> datetime:
-    return datetime.now(UTC)
 
 
 def network_shape(experiment: Experiment, data: Dataset) -> NetworkShape:
@@ -161,7 +155,7 @@ class _StudyHooks:
             raise
         self.live[trial.number] = (trial, run_id)
         started = {"state": "RUNNING", **asdict(schedule), "seed": seed, "mlflow_run_id": run_id}
-        self._row(trial.number, started | {"device": self.device, "started_at": _now()})
+        self._row(trial.number, started | {"device": self.device, "started_at": utcnow()})
         return TrialSpec(key=trial.number, schedule=schedule, init_seed=seed, data_seed=seed)
 
     def on_curve(self, key, steps: np.ndarray, train_loss: np.ndarray, lr: np.ndarray) -> None:
@@ -317,9 +311,7 @@ def run_study(
     )
 
     settings.ensure_home()
-    engine = make_engine(settings.database_url)
-    ensure_schema(engine, auto_upgrade=settings.db_url is None)
-    registry = Registry(engine)
+    registry = Registry(open_database(settings))
     client = connect(settings.tracking)
     storage = open_storage(settings.storage_url)
     study = open_study_for(experiment, name=name, storage=storage)

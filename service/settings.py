@@ -7,6 +7,8 @@ from pathlib import Path
 from pydantic import AliasChoices, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from service.links import is_remote
+
 __all__ = ["Settings"]
 
 
@@ -68,7 +70,7 @@ class Settings(BaseSettings):
         """Where the MLflow UI is: set explicitly, else the tracking server, else `hpo ui`."""
         if self.mlflow_ui_url:
             return self.mlflow_ui_url
-        if self.tracking.startswith(("http://", "https://")):
+        if is_remote(self.tracking):
             return self.tracking
         return f"http://{self.ui_host}:{self.ui_port}"
 

@@ -12,13 +12,13 @@ from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse
 
 import numpy as np
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
 from service.errors import TrackingError
+from service.links import is_remote
 
 __all__ = [
     "EXPERIMENT_KIND",
@@ -37,13 +37,9 @@ EXPERIMENT_KIND = "custom_model_development"
 RUN_STATUS = {"COMPLETE": "FINISHED", "PRUNED": "KILLED", "FAIL": "FAILED"}
 
 
-def _is_remote(uri: str) -> bool:
-    return urlparse(uri).scheme in ("http", "https")
-
-
 def connect(tracking_uri: str) -> MlflowClient:
     """A client for ``tracking_uri``, checked to answer, so a bad URI fails before any work."""
-    if _is_remote(tracking_uri):
+    if is_remote(tracking_uri):
         import requests
 
         try:
@@ -88,7 +84,6 @@ class MetricShipper:
         self._failing = False
         self.points_sent = 0
         self.points_lost = 0
-        self.requests = 0
         self.failures: list[str] = []
         self._thread = threading.Thread(target=self._work, name="mlflow-shipper", daemon=True)
         self._thread.start()
@@ -156,7 +151,6 @@ class MetricShipper:
                     return False
                 time.sleep(self._backoff * 2**attempt)
             else:
-                self.requests += 1
                 self._failing = False
                 return True
         return False
@@ -181,7 +175,7 @@ class StudyTracker:
         experiment = self.client.get_experiment_by_name(self.study_name)
         if experiment is None:
             location = None
-            if artifact_root is not None and not _is_remote(self.client.tracking_uri):
+            if artifact_root is not None and not is_remote(self.client.tracking_uri):
                 location = (artifact_root / self.study_name).resolve().as_uri()
             return self.client.create_experiment(
                 self.study_name,

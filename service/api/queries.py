@@ -12,7 +12,6 @@ from sqlalchemy.orm import Session
 from service.db.models import StudyRow, TrialRow
 
 __all__ = [
-    "ORDER_FIELDS",
     "STATES",
     "TrialQuery",
     "all_studies",
@@ -29,7 +28,6 @@ OrderField = Literal[
     "value", "val_loss", "ema_val_loss", "val_accuracy", "ema_val_accuracy", "number", "duration_s"
 ]
 STATES: tuple[str, ...] = get_args(State)
-ORDER_FIELDS: tuple[str, ...] = get_args(OrderField)
 INT32 = 2**31 - 1
 
 

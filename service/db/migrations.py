@@ -12,7 +12,9 @@ from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import Engine
 
+from service.db.engine import make_engine
 from service.errors import HPOError
+from service.settings import Settings
 
 __all__ = [
     "ALEMBIC_DIR",
@@ -21,6 +23,7 @@ __all__ = [
     "current_revision",
     "ensure_schema",
     "head_revision",
+    "open_database",
     "upgrade",
 ]
 
@@ -67,6 +70,15 @@ def current_revision(engine: Engine) -> str | None:
 
 def upgrade(url: str, revision: str = "head") -> None:
     command.upgrade(alembic_config(url), revision)
+
+
+def open_database(settings: Settings) -> Engine:
+    """An engine on the service's database, checked to be at the schema this code needs: the
+    embedded default is upgraded in place, any other database is refused when behind."""
+    settings.ensure_home()
+    engine = make_engine(settings.database_url)
+    ensure_schema(engine, auto_upgrade=settings.db_url is None)
+    return engine
 
 
 def ensure_schema(engine: Engine, *, auto_upgrade: bool) -> None:

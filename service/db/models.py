@@ -76,7 +76,7 @@ class StudyRow(Base):
     )
 
 
-FINAL_METRIC_COLUMNS = ("val_loss", "ema_val_loss", "val_accuracy", "ema_val_accuracy")
+FINAL_METRICS = ("val_loss", "ema_val_loss", "val_accuracy", "ema_val_accuracy")
 
 
 class TrialRow(Base):
@@ -90,7 +90,7 @@ class TrialRow(Base):
         Index("ix_trials_study_state_value", "study_id", "state", "value", "number"),
         Index("ix_trials_study_value", "study_id", "value", "number"),
         # ... or in the order of a final metric
-        *(Index(f"ix_trials_study_{m}", "study_id", m, "number") for m in FINAL_METRIC_COLUMNS),
+        *(Index(f"ix_trials_study_{m}", "study_id", m, "number") for m in FINAL_METRICS),
         # every filter column, so counting the matches ("total") reads this index alone
         Index(
             "ix_trials_filters",
