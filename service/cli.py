@@ -41,6 +41,19 @@ TrackingOpt = Annotated[
     ),
 ]
 
+DbUrlOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--db-url", help="The service's database (env HPO_DB_URL; default SQLite in $HPO_HOME)"
+    ),
+]
+DeviceOpt = Annotated[
+    str | None, typer.Option(help="auto (CUDA when present), cpu or cuda (env HPO_DEVICE)")
+]
+PackOpt = Annotated[
+    int | None, typer.Option(min=1, help="Trials trained together (default: the experiment's)")
+]
+
 
 def _settings(**overrides: Any):
     from pydantic import ValidationError
@@ -80,33 +93,75 @@ def run(
         str | None, typer.Option(help="Study name (default: the experiment's)")
     ] = None,
     trials: Annotated[
-        int | None, typer.Option(min=1, help="Trials to add (default: the experiment's)")
+        int | None, typer.Option(min=0, help="Trials to add (default: the experiment's)")
     ] = None,
     storage: StorageOpt = None,
     tracking_uri: TrackingOpt = None,
-    device: Annotated[
-        str | None, typer.Option(help="auto (CUDA when present), cpu or cuda (env HPO_DEVICE)")
-    ] = None,
-    pack: Annotated[
-        int | None, typer.Option(min=1, help="Trials trained together (default: the experiment's)")
-    ] = None,
+    device: DeviceOpt = None,
+    pack: PackOpt = None,
 ) -> None:
     """Run a study of EXPERIMENT_FILE: train trials, track them in MLflow, print the best."""
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
-    from rich.progress import Progress as Bar
-
     from service.experiment import load_experiment
     from service.runner import run_study
 
     experiment = load_experiment(experiment_file)
     settings = _settings(storage=storage, tracking_uri=tracking_uri, device=device)
     _quiet_libraries()
+    _train(
+        lambda **hooks: run_study(
+            experiment,
+            settings=settings,
+            study_name=study,
+            n_trials=trials,
+            pack_size=pack,
+            **hooks,
+        ),
+        settings,
+    )
+
+
+@app.command()
+def worker(
+    study: Annotated[str, typer.Argument(help="The study to work on")],
+    trials: Annotated[
+        int | None,
+        typer.Option(
+            min=1, help="The study's total: stop once it holds N trials (default: its experiment's)"
+        ),
+    ] = None,
+    storage: StorageOpt = None,
+    tracking_uri: TrackingOpt = None,
+    db_url: DbUrlOpt = None,
+    device: DeviceOpt = None,
+    pack: PackOpt = None,
+    wait: Annotated[
+        bool, typer.Option("--wait", help="Wait for the study to be launched instead of failing")
+    ] = False,
+) -> None:
+    """Join STUDY from any machine that reaches its databases, beside any other workers."""
+    from service.runner import join_study
+
+    settings = _settings(storage=storage, tracking_uri=tracking_uri, db_url=db_url, device=device)
+    _quiet_libraries()
+    if wait:
+        console.print(f"waiting for study [bold]{study}[/] to be launched (Ctrl-C stops)")
+    _train(
+        lambda **hooks: join_study(
+            study, settings=settings, total=trials, pack_size=pack, wait=wait, **hooks
+        ),
+        settings,
+    )
+
+
+def _train(start: Any, settings: Any) -> None:
+    """Run a study with a progress bar; SIGINT/SIGTERM stop it cleanly (exit 130/143)."""
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        TextColumn,
+        TimeElapsedColumn,
+    )
+    from rich.progress import Progress as Bar
 
     bar = Bar(
         TextColumn("[bold]{task.description}"),
@@ -114,8 +169,6 @@ def run(
         MofNCompleteColumn(),
         TextColumn("trials  best {task.fields[best]}"),
         TimeElapsedColumn(),
-        TextColumn("left"),
-        TimeRemainingColumn(),
         console=console,
         transient=False,
     )
@@ -124,11 +177,11 @@ def run(
     def started(report) -> None:
         nonlocal task
         console.print(
-            f"study [bold]{report.study_name}[/]: {report.trials_run} trials on {report.device}, "
-            f"{report.pack_size} at a time"
+            f"study [bold]{report.study_name}[/]: up to {report.trials_run} trials here on "
+            f"{report.device}, {report.pack_size} at a time"
         )
         bar.start()
-        task = bar.add_task(report.study_name, total=report.trials_run, best="-")
+        task = bar.add_task(report.study_name, total=report.trials_run or None, best="-")
 
     def progressed(p) -> None:
         best = f"{p.best_value:.5g}" if p.best_value is not None else "-"
@@ -136,31 +189,29 @@ def run(
 
     previous = signal.signal(signal.SIGTERM, _terminate)
     try:
-        report = run_study(
-            experiment,
-            settings=settings,
-            study_name=study,
-            n_trials=trials,
-            pack_size=pack,
-            on_progress=progressed,
-            on_start=started,
-        )
+        report = start(on_progress=progressed, on_start=started)
     except KeyboardInterrupt as exc:
         bar.stop()
         what, code = ("terminated", 143) if isinstance(exc, Terminated) else ("interrupted", 130)
-        err_console.print(f"{what}: the trials in training were marked failed")
+        err_console.print(
+            f"{what}: the trials in training were marked failed and queued again "
+            "for the next worker or run"
+        )
         raise typer.Exit(code) from None
     finally:
         bar.stop()
         signal.signal(signal.SIGTERM, previous)
 
     counts = ", ".join(f"{n} {s.lower()}" for s, n in sorted(report.counts.items())) or "no trials"
-    console.print(f"{report.trials_run} trials in {report.elapsed:.1f}s: {counts}")
+    console.print(f"{report.trials_run} trials here in {report.elapsed:.1f}s: {counts}")
+    if report.reaped:
+        console.print(f"{report.reaped} trial(s) of stopped workers were failed and queued again")
     if report.row_failures:
         err_console.print(
             f"warning: {report.row_failures} trial row(s) could not be written to the service "
             f"database; `hpo sync {report.study_name}` rebuilds them"
         )
+    _print_delivery(report.study_name, report.delivery)
     if report.best is not None:
         _print_best(report.best)
     else:
@@ -180,6 +231,24 @@ def run(
     api = f"http://{settings.api_host}:{settings.api_port}/api/v1/studies/{report.study_name}"
     console.print(f"  over REST:         hpo serve, then GET {api}/best", soft_wrap=True)
     console.print(f"  every study:       hpo status{flags}")
+
+
+def _print_delivery(study: str, delivery: Any) -> None:
+    if delivery is None:
+        return
+    if delivery.outage_s:
+        err_console.print(
+            f"note: the MLflow server was unreachable for {delivery.outage_s:.0f}s; "
+            "the updates that waited were delivered"
+        )
+    if delivery.kept:
+        err_console.print(
+            f"warning: the MLflow server is unreachable: {delivery.kept} update(s) are kept in "
+            f"{delivery.outbox}; run `hpo sync {study}` once it is back",
+            soft_wrap=True,
+        )
+    for problem in delivery.dropped[:3]:
+        err_console.print(f"warning: MLflow refused an update: {problem}", soft_wrap=True)
 
 
 def _print_best(best: dict[str, Any]) -> None:
@@ -275,13 +344,6 @@ def ui(
     raise typer.Exit(code)
 
 
-DbUrlOpt = Annotated[
-    str | None,
-    typer.Option(
-        "--db-url", help="The service's database (env HPO_DB_URL; default SQLite in $HPO_HOME)"
-    ),
-]
-
 db_app = typer.Typer(help="The service's own database schema (Alembic).", no_args_is_help=True)
 app.add_typer(db_app, name="db")
 
@@ -339,9 +401,18 @@ def sync(
     optuna_study = load_study(study, open_storage(settings.storage_url))
     client = None
     if not no_mlflow:
-        from service.tracking import connect
+        from service.tracking import connect, deliver_outbox, outbox_name
 
         client = connect(settings.tracking)
+        known = client.get_experiment_by_name(study)
+        delivery = deliver_outbox(
+            client,
+            settings.outbox_dir / outbox_name(study),
+            experiment_id=known.experiment_id if known else None,
+        )
+        if delivery.points_sent or delivery.kept or delivery.dropped:
+            console.print(f"{study}: delivered {delivery.points_sent} kept metric points to MLflow")
+        _print_delivery(study, delivery)
     report = sync_study(optuna_study, Registry(engine), client=client)
     source = "Optuna and MLflow" if report.mlflow else "Optuna"
     console.print(

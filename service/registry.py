@@ -53,7 +53,6 @@ def trial_fields(trial: FrozenTrial, metrics: Mapping[str, float] | None = None)
         "state": trial.state.name,
         "value": _finite(trial.value) if trial.state == TrialState.COMPLETE else None,
         "seed": trial.user_attrs.get("seed"),
-        "mlflow_run_id": trial.user_attrs.get("mlflow_run_id"),
         "device": trial.user_attrs.get("device"),
         "fail_reason": trial.user_attrs.get("fail_reason"),
         "started_at": trial.datetime_start,
@@ -63,6 +62,8 @@ def trial_fields(trial: FrozenTrial, metrics: Mapping[str, float] | None = None)
             else None
         ),
     }
+    if trial.user_attrs.get("mlflow_run_id"):  # unknown (created late): the row's stays
+        fields["mlflow_run_id"] = trial.user_attrs["mlflow_run_id"]
     for name in KNOBS:
         if name in trial.params:
             fields[name] = trial.params[name]
@@ -117,6 +118,15 @@ class Registry:
                 row.finished_at = utcnow()
             session.flush()
             return row.id
+
+    def study_experiment(self, name: str) -> str | None:
+        """The experiment file a study was started with, as text (None: no such study)."""
+        with self.sessions() as session:
+            return session.scalar(select(StudyRow.experiment_text).where(StudyRow.name == name))
+
+    def known_studies(self) -> list[str]:
+        with self.sessions() as session:
+            return list(session.scalars(select(StudyRow.name).order_by(StudyRow.name)))
 
     def study_status(self, name: str) -> str | None:
         with self.sessions() as session:
@@ -179,6 +189,15 @@ class Registry:
             with self.sessions.begin() as session:
                 session.execute(text("ANALYZE trials"))
 
+    def link_run(self, study_id: int, number: int, run_id: str) -> None:
+        """Record a trial's MLflow run that was created after its row (MLflow was away)."""
+        with self.sessions.begin() as session:
+            session.execute(
+                update(TrialRow)
+                .where(TrialRow.study_id == study_id, TrialRow.number == number)
+                .values(mlflow_run_id=run_id)
+            )
+
     def record_trial(self, study_id: int, number: int, fields: Mapping[str, Any]) -> None:
         self.record_trials(study_id, [(number, fields)])
 
@@ -199,17 +218,24 @@ class SyncReport:
     mlflow: bool
 
 
-def _run_metrics(client: Any, experiment_id: str) -> dict[str, dict[str, float]]:
-    """The latest value of every metric of every run of one MLflow experiment, page by page."""
+def _run_metrics(
+    client: Any, experiment_id: str
+) -> tuple[dict[str, dict[str, float]], dict[int, str]]:
+    """The latest value of every metric of every run of one MLflow experiment, page by page,
+    and the run of each trial number (a run created late is known to MLflow only)."""
     metrics: dict[str, dict[str, float]] = {}
+    runs: dict[int, str] = {}
     token = None
     while True:
         page = client.search_runs([experiment_id], max_results=10_000, page_token=token)
         for run in page:
             metrics[run.info.run_id] = dict(run.data.metrics)
+            number = run.data.tags.get("hpo.trial_number")
+            if number is not None and run.data.tags.get("hpo.kind") != "study":
+                runs[int(number)] = run.info.run_id
         token = page.token
         if not token:
-            return metrics
+            return metrics, runs
 
 
 def sync_study(study: optuna.Study, registry: Registry, *, client: Any | None = None) -> SyncReport:
@@ -228,6 +254,7 @@ def sync_study(study: optuna.Study, registry: Registry, *, client: Any | None = 
     read_at = utcnow()
     experiment_id = parent_run_id = None
     run_metrics: dict[str, dict[str, float]] = {}
+    run_of: dict[int, str] = {}
     if client is not None:
         experiment = client.get_experiment_by_name(study.study_name)
         if experiment is not None:
@@ -236,7 +263,7 @@ def sync_study(study: optuna.Study, registry: Registry, *, client: Any | None = 
                 [experiment_id], filter_string="tags.`hpo.kind` = 'study'", max_results=1
             )
             parent_run_id = parents[0].info.run_id if parents else None
-            run_metrics = _run_metrics(client, experiment_id)
+            run_metrics, run_of = _run_metrics(client, experiment_id)
 
     trials = study.get_trials(deepcopy=False)
     if any(t.state in (TrialState.RUNNING, TrialState.WAITING) for t in trials):
@@ -259,9 +286,13 @@ def sync_study(study: optuna.Study, registry: Registry, *, client: Any | None = 
     rows = []
     with_metrics = 0
     for trial in trials:
-        metrics = run_metrics.get(trial.user_attrs.get("mlflow_run_id", ""))
+        run_id = trial.user_attrs.get("mlflow_run_id") or run_of.get(trial.number)
+        metrics = run_metrics.get(run_id or "")
         with_metrics += metrics is not None
-        rows.append((trial.number, trial_fields(trial, metrics)))
+        fields = trial_fields(trial, metrics)
+        if run_id is not None:
+            fields["mlflow_run_id"] = run_id
+        rows.append((trial.number, fields))
     registry.record_trials(study_id, rows, read_at=read_at)
     registry.forget_trials_from(study_id, len(trials), read_at=read_at)
     registry.analyze()

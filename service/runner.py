@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import math
 import time
 import warnings
 from collections import Counter
@@ -17,18 +19,21 @@ from optuna.trial import FrozenTrial, TrialState
 from service.datasets import Dataset, load_data
 from service.db.migrations import open_database
 from service.errors import ExperimentError, HPOError, StudyError
-from service.experiment import KNOBS, Experiment, Knob
+from service.experiment import KNOBS, Experiment, Knob, parse_experiment
 from service.registry import Registry, trial_fields, utcnow
+from service.retry import retry_transient
 from service.search import grid_size, searched_params, suggest_schedule
 from service.settings import Settings
 from service.studies import (
     ATTR_EXPERIMENT_NAME,
+    ATTR_TARGET,
     best_summary,
+    load_study,
     open_storage,
     open_study_for,
     safe_url,
 )
-from service.tracking import StudyTracker, connect
+from service.tracking import Delivery, StudyTracker, connect
 from service.training import (
     Loss,
     NetworkShape,
@@ -38,8 +43,19 @@ from service.training import (
     resolve_device,
     train,
 )
+from service.workers import Heartbeat, claimed, requeue, stale_trials, study_lock
 
-__all__ = ["Progress", "StudyReport", "network_shape", "run_study", "study_figures"]
+__all__ = [
+    "Progress",
+    "StudyReport",
+    "join_study",
+    "network_shape",
+    "run_study",
+    "study_figures",
+]
+
+# a row write waits this long for a restarting database; longer, and `hpo sync` repairs it
+ROW_RETRY_SECONDS = 5.0
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +87,8 @@ class StudyReport:
     best: dict[str, Any] | None = None
     elapsed: float = 0.0
     row_failures: int = 0
+    reaped: int = 0
+    delivery: Delivery | None = None
 
 
 def network_shape(experiment: Experiment, data: Dataset) -> NetworkShape:
@@ -108,34 +126,113 @@ def make_loss(experiment: Experiment) -> Loss:
 
 
 class _StudyHooks:
-    """Connects the trainer to Optuna (ask, report, prune, tell) and to MLflow (runs, curves)."""
+    """Connects the trainer to Optuna (ask, report, prune, tell) and to MLflow (runs, curves).
+
+    Trials are taken from the study's budget under the study's lock, so any number of workers
+    together run exactly ``target`` trials; queued retries of dead workers' trials come first.
+    """
 
     def __init__(
         self,
         study: optuna.Study,
+        storage: optuna.storages.RDBStorage,
         experiment: Experiment,
-        knobs: dict[str, Knob],
         tracker: StudyTracker,
         registry: Registry,
         study_id: int,
-        n_trials: int,
+        *,
+        target: int,
+        settings: Settings,
         device: str,
         on_progress: Callable[[Progress], None] | None,
     ) -> None:
-        self.study, self.experiment, self.knobs, self.tracker = study, experiment, knobs, tracker
-        self.registry, self.study_id, self.device = registry, study_id, device
-        self.n_trials, self.on_progress = n_trials, on_progress
+        self.study, self.storage, self.experiment = study, storage, experiment
+        self.knobs = experiment.knobs
+        self.tracker, self.registry, self.study_id = tracker, registry, study_id
+        self.target, self.device, self.on_progress = target, device, on_progress
+        self.heartbeat = Heartbeat(storage, settings.heartbeat_interval)
+        self.poll = min(max(settings.heartbeat_interval / 2, 0.2), 5.0)
+        self.last_reap = -math.inf
         self.row_failures = 0
         self.consecutive_row_failures = 0
         self.asked = 0
+        self.reaped = 0
         self.live: dict[int, tuple[optuna.Trial, str]] = {}
         self.counts: Counter[str] = Counter()
         self.best_value: float | None = None
+        self.given_heartbeat: set[int] = set()
 
+    # -- the budget ------------------------------------------------------------------------------
+    def _claimable(self, trials: list[FrozenTrial]) -> bool:
+        waiting = any(t.state == TrialState.WAITING for t in trials)
+        return waiting or claimed(trials) < self.target
+
+    def _claim(self) -> optuna.Trial | None:
+        def claim() -> optuna.Trial | None:
+            with study_lock(self.storage, self.study.study_name):
+                if not self._claimable(self.study.get_trials(deepcopy=False)):
+                    return None
+                with warnings.catch_warnings():
+                    # Optuna drives heartbeats only in optimize(); this worker drives its own
+                    warnings.filterwarnings("ignore", "Heartbeat of storage", UserWarning)
+                    return self.study.ask()
+
+        # only the check and the ask are tried again: a trial once asked is this worker's
+        trial = retry_transient(claim, seconds=self.storage.retry_seconds, what="taking a trial")
+        if trial is not None:
+            try:
+                self.heartbeat.add(trial._trial_id)
+            except BaseException:
+                with contextlib.suppress(Exception):
+                    self.study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
+                raise
+        return trial
+
+    def reap(self, *, force: bool = False) -> None:
+        """Fail the trials of workers that stopped sending heartbeats, end their MLflow runs
+        FAILED, and queue their configs again (at most once per heartbeat interval)."""
+        if not force and time.monotonic() - self.last_reap < self.poll:
+            return
+        self.last_reap = time.monotonic()
+        for trial in stale_trials(self.study, self.storage):
+            reason = "its worker stopped sending heartbeats"
+            log.warning("trial %d failed: %s; queued again", trial.number, reason)
+            self.reaped += 1
+            run_id = trial.user_attrs.get("mlflow_run_id")
+            if not run_id:  # its run was created late, or not yet: its tag finds it
+                with contextlib.suppress(Exception):
+                    run_id = self.tracker.find_trial_run(trial.number)
+            if run_id:
+                self.tracker.fail_run(run_id, reason)
+            self._row(trial.number, trial_fields(trial) | {"fail_reason": reason})
+            requeue(self.study, trial)
+
+    def wait_for_others(self) -> bool:
+        """Once this worker has nothing left to take: wait while other workers' trials run.
+        Returns True as soon as there is work again (a dead worker's trial was queued again),
+        False when the study has no running trial left."""
+        while True:
+            self.reap(force=True)
+            trials = self.study.get_trials(deepcopy=False)
+            if self._claimable(trials):
+                return True
+            running = [t for t in trials if t.state == TrialState.RUNNING]
+            if not running:
+                return False
+            for trial in running:
+                # a trial left running by a process without heartbeats gets one, so it too
+                # goes stale; for a live worker's trial this is one more beat
+                if trial._trial_id not in self.given_heartbeat:
+                    self.given_heartbeat.add(trial._trial_id)
+                    self.storage.record_heartbeat(trial._trial_id)
+            time.sleep(self.poll)
+
+    # -- the trainer's hooks ---------------------------------------------------------------------
     def next_trial(self) -> TrialSpec | None:
-        if self.asked >= self.n_trials:
+        self.reap()
+        trial = self._claim()
+        if trial is None:
             return None
-        trial = self.study.ask()
         self.asked += 1
         run_id = None
         try:
@@ -146,15 +243,19 @@ class _StudyHooks:
             trial.set_user_attr("seed", seed)
             trial.set_user_attr("device", self.device)
             run_id = self.tracker.start_trial(trial.number, {**asdict(schedule), "seed": seed})
-            trial.set_user_attr("mlflow_run_id", run_id)
+            if self.tracker.run_id(run_id) is not None:
+                trial.set_user_attr("mlflow_run_id", run_id)
         except BaseException as exc:
             reason = f"could not start: {exc}" if isinstance(exc, Exception) else "interrupted"
-            self._fail(trial, run_id, reason, step=0)
+            frozen = self._fail(trial, run_id, reason, step=0)
+            if not isinstance(exc, Exception) and frozen.state == TrialState.FAIL:
+                requeue(self.study, frozen)  # stopped, not broken: the next worker runs it
             if isinstance(exc, Exception):
                 raise StudyError(f"could not start trial {trial.number}: {exc}") from exc
             raise
         self.live[trial.number] = (trial, run_id)
-        started = {"state": "RUNNING", **asdict(schedule), "seed": seed, "mlflow_run_id": run_id}
+        started = {"state": "RUNNING", **asdict(schedule), "seed": seed}
+        started |= {"mlflow_run_id": self.tracker.run_id(run_id)}
         self._row(trial.number, started | {"device": self.device, "started_at": utcnow()})
         return TrialSpec(key=trial.number, schedule=schedule, init_seed=seed, data_seed=seed)
 
@@ -173,26 +274,49 @@ class _StudyHooks:
     def on_trial_end(self, outcome: TrialOutcome) -> None:
         # The trial stays in ``live`` until Optuna has it, so abort() can still fail it.
         trial, run_id = self.live[outcome.key]
+        if run_id != self.tracker.run_id(run_id) and self.tracker.run_id(run_id) is not None:
+            trial.set_user_attr("mlflow_run_id", self.tracker.run_id(run_id))  # created late
+        value = None
         if outcome.state == "complete":
             value = outcome.metrics["ema_val_loss"]
-            frozen = self.study.tell(trial, value)
-            self.tracker.end_trial(run_id, "COMPLETE", step=outcome.steps, objective=value)
-            self._row(trial.number, trial_fields(frozen, outcome.metrics))
+            frozen = self._tell(trial, values=value)
+            if frozen.state == TrialState.COMPLETE:
+                self.tracker.end_trial(run_id, "COMPLETE", step=outcome.steps, objective=value)
+                self._row(trial.number, trial_fields(frozen, outcome.metrics))
         elif isinstance(outcome.error, optuna.TrialPruned):
-            frozen = self.study.tell(trial, state=TrialState.PRUNED)
-            self.tracker.end_trial(run_id, "PRUNED", step=outcome.steps, reason=outcome.reason)
-            self._row(trial.number, trial_fields(frozen, outcome.metrics))
+            frozen = self._tell(trial, state=TrialState.PRUNED)
+            if frozen.state == TrialState.PRUNED:
+                self.tracker.end_trial(run_id, "PRUNED", step=outcome.steps, reason=outcome.reason)
+                self._row(trial.number, trial_fields(frozen, outcome.metrics))
         else:
             reason = outcome.reason or "failed"
             frozen = self._fail(trial, run_id, reason, step=outcome.steps, metrics=outcome.metrics)
-        state = frozen.state.name
+        self.heartbeat.remove(trial._trial_id)
         del self.live[outcome.key]
+        state = frozen.state.name
         self.counts[state] += 1
-        if state == "COMPLETE" and (self.best_value is None or value < self.best_value):
+        if (
+            value is not None
+            and state == "COMPLETE"
+            and (self.best_value is None or value < self.best_value)
+        ):
             self.best_value = value
         if self.on_progress is not None:
             done = sum(self.counts.values())
-            self.on_progress(Progress(done, self.n_trials, self.best_value, trial.number, state))
+            self.on_progress(Progress(done, self.target, self.best_value, trial.number, state))
+
+    def _tell(self, trial: optuna.Trial, **outcome: Any) -> FrozenTrial:
+        """Tell Optuna; a trial already failed by another worker (its heartbeats were late)
+        stays as that worker left it, and its retry is trained elsewhere."""
+        frozen = self.study.tell(trial, skip_if_finished=True, **outcome)
+        wanted = outcome.get("state", TrialState.COMPLETE)
+        if frozen.state != wanted:
+            log.warning(
+                "trial %d was failed by another worker while it trained (late heartbeats); "
+                "its result is dropped",
+                trial.number,
+            )
+        return frozen
 
     def _fail(
         self,
@@ -205,10 +329,20 @@ class _StudyHooks:
     ) -> FrozenTrial:
         if run_id is not None:  # queued first: it cannot fail, while the storage might
             self.tracker.end_trial(run_id, "FAIL", step=step, reason=reason)
-        trial.set_user_attr("fail_reason", reason)
-        frozen = self.study.tell(trial, state=TrialState.FAIL)
+        # a trial failed by another worker already (late heartbeats) keeps its reason
+        with contextlib.suppress(optuna.exceptions.UpdateFinishedTrialError):
+            trial.set_user_attr("fail_reason", reason)
+        frozen = self._tell(trial, state=TrialState.FAIL)
         self._row(trial.number, trial_fields(frozen, metrics or None))
         return frozen
+
+    def on_run_created(self, number: int, run_id: str) -> None:
+        """A trial's MLflow run was created late (the server was away when it started); called
+        from the outbox's thread. If this write fails too, `hpo sync` finds the run by its tag."""
+        try:
+            self.registry.link_run(self.study_id, number, run_id)
+        except Exception as exc:
+            log.warning("could not record the MLflow run of trial %d: %s", number, exc)
 
     def _row(self, number: int, fields: dict[str, Any]) -> None:
         """Write the trial's row; a failed write is counted, not fatal: `hpo sync` repairs it.
@@ -218,7 +352,11 @@ class _StudyHooks:
             self.row_failures += 1
             return
         try:
-            self.registry.record_trial(self.study_id, number, fields)
+            retry_transient(
+                lambda: self.registry.record_trial(self.study_id, number, fields),
+                seconds=ROW_RETRY_SECONDS,
+                what=f"writing the row of trial {number}",
+            )
         except Exception as exc:
             self.row_failures += 1
             self.consecutive_row_failures += 1
@@ -226,17 +364,24 @@ class _StudyHooks:
         else:
             self.consecutive_row_failures = 0
 
-    def abort(self, reason: str) -> None:
-        """Fail every trial still training, so none is left RUNNING; one that cannot be
-        failed (the storage is gone, say) does not stop the others."""
+    def abort(self, reason: str, *, requeue_trials: bool) -> None:
+        """Fail every trial still training, so none is left RUNNING, and (when this worker was
+        stopped rather than broken) queue their configs again for the next worker; a trial
+        that cannot be failed (the storage is gone, say) does not stop the others."""
         for number, (trial, run_id) in list(self.live.items()):
             try:
-                self._fail(trial, run_id, reason, step=0)
+                frozen = self._fail(trial, run_id, reason, step=0)
+                if requeue_trials and frozen.state == TrialState.FAIL:
+                    requeue(self.study, frozen)
             except Exception as exc:
                 log.warning("could not mark trial %d failed: %s", number, exc)
             else:
                 self.counts["FAIL"] += 1
+            self.heartbeat.remove(trial._trial_id)
         self.live.clear()
+
+    def close(self) -> None:
+        self.heartbeat.close()
 
 
 def study_figures(study: optuna.Study, knobs: dict[str, Knob]) -> list[tuple[str, Any]]:
@@ -283,15 +428,20 @@ def run_study(
     settings: Settings,
     study_name: str | None = None,
     n_trials: int | None = None,
+    total: int | None = None,
     pack_size: int | None = None,
+    joining: bool = False,
+    record_target: bool = True,
     on_progress: Callable[[Progress], None] | None = None,
     on_start: Callable[[StudyReport], None] | None = None,
 ) -> StudyReport:
-    """Add ``n_trials`` trials (default: the experiment's) to the study and track them in MLflow.
+    """Add ``n_trials`` trials (default: the experiment's) to the study, or, with ``total``,
+    take trials until the study holds that many, with any other workers on it; track them in
+    MLflow. Returns once the study has no trial running, in this process or another.
 
     Everything that can be checked is checked before the study is created, so bad input leaves
     nothing behind. Trials that are still training when the run is interrupted end as failed,
-    with their MLflow runs marked FAILED.
+    with their MLflow runs marked FAILED, and their configs are queued again.
     """
     started = time.monotonic()
     name = study_name or experiment.default_study_name
@@ -313,19 +463,32 @@ def run_study(
     settings.ensure_home()
     registry = Registry(open_database(settings))
     client = connect(settings.tracking)
-    storage = open_storage(settings.storage_url)
-    study = open_study_for(experiment, name=name, storage=storage)
+    storage = open_storage(
+        settings.storage_url,
+        heartbeat_interval=settings.heartbeat_interval,
+        grace_period=settings.grace_period,
+    )
+    study = open_study_for(experiment, name=name, storage=storage, joining=joining)
 
-    n_trials = n_trials if n_trials is not None else experiment.search.trials
+    trials = study.get_trials(deepcopy=False)
+    if total is None:
+        target = claimed(trials) + (n_trials if n_trials is not None else experiment.search.trials)
+    else:
+        target = total
     if experiment.search.sampler == "grid":
-        # as Optuna's GridSampler counts: a point is visited once its trial finished, in any state
-        tried = sum(t.state.is_finished() for t in study.get_trials(deepcopy=False))
-        n_trials = min(n_trials, max(0, grid_size(knobs) - tried))
-        if n_trials == 0:
+        # every trial but a retry takes a point of the grid; a retry redoes its trial's point
+        if total is None and claimed(trials) >= grid_size(knobs):
             raise StudyError(f"study {name!r} has tried all {grid_size(knobs)} points of its grid")
-    pack = max(1, min(pack_size or experiment.search.pack, n_trials or 1))
+        target = min(target, grid_size(knobs))
+    if record_target and target > claimed(trials):  # `--trials 0` only registers the study
+        study.set_user_attr(ATTR_TARGET, target)
+    waiting = sum(t.state == TrialState.WAITING for t in trials)
+    planned = max(0, target - claimed(trials)) + waiting
+    pack = max(1, min(pack_size or experiment.search.pack, planned or 1))
 
-    tracker = StudyTracker(client, name, artifact_root=settings.artifacts_dir)
+    tracker = StudyTracker(
+        client, name, artifact_root=settings.artifacts_dir, outbox_dir=settings.outbox_dir
+    )
     source = experiment.source_path.name if experiment.source_path else "experiment.toml"
     parent = tracker.start_study(
         params={
@@ -352,7 +515,7 @@ def run_study(
             mlflow_parent_run_id=parent,
         )
     except Exception as exc:
-        _finish(tracker, study, knobs, status="FAILED")
+        _finish(tracker, study, knobs, status="FAILED", grace=settings.tracking_grace)
         raise HPOError(f"the service database cannot be written: {exc}".splitlines()[0]) from exc
     report = StudyReport(
         study_name=name,
@@ -362,22 +525,39 @@ def run_study(
         mlflow_experiment_id=tracker.experiment_id,
         device=str(device),
         pack_size=pack,
-        trials_run=n_trials,
+        trials_run=planned,
     )
     if on_start is not None:
         on_start(report)
 
     hooks = _StudyHooks(
-        study, experiment, knobs, tracker, registry, study_id, n_trials, str(device), on_progress
+        study,
+        storage,
+        experiment,
+        tracker,
+        registry,
+        study_id,
+        target=target,
+        settings=settings,
+        device=str(device),
+        on_progress=on_progress,
     )
+    tracker.on_run_created = hooks.on_run_created
     try:
-        train(shape, loss, data.training, config, hooks, pack_size=pack, device=device)
+        while True:
+            train(shape, loss, data.training, config, hooks, pack_size=pack, device=device)
+            if not hooks.wait_for_others():
+                break
     except BaseException as exc:
         interrupted = isinstance(exc, KeyboardInterrupt | SystemExit)
-        hooks.abort("interrupted" if interrupted else f"{type(exc).__name__}: {exc}")
+        hooks.abort(
+            "interrupted" if interrupted else f"{type(exc).__name__}: {exc}",
+            requeue_trials=interrupted,
+        )
+        hooks.close()
         status = "KILLED" if interrupted else "FAILED"
         for cleanup in (
-            lambda: _finish(tracker, study, knobs, status=status),
+            lambda: _finish(tracker, study, knobs, status=status, grace=settings.tracking_grace),
             lambda: registry.finish_study(name, "interrupted" if interrupted else "failed"),
         ):
             try:
@@ -385,7 +565,10 @@ def run_study(
             except Exception as error:  # the original error is the one to report
                 log.warning("could not close the study after %s: %s", type(exc).__name__, error)
         raise
-    _finish(tracker, study, knobs, status="FINISHED")
+    hooks.close()
+    report.delivery = _finish(
+        tracker, study, knobs, status="FINISHED", grace=settings.tracking_grace
+    )
     try:
         registry.finish_study(name, "finished")
     except Exception as exc:
@@ -393,9 +576,52 @@ def run_study(
         log.warning("could not mark the study finished in the service database: %s", exc)
     report.row_failures = hooks.row_failures
     report.counts = dict(hooks.counts)
+    report.trials_run = hooks.asked
+    report.reaped = hooks.reaped
     report.best = _best_or_none(study)
     report.elapsed = time.monotonic() - started
     return report
+
+
+def join_study(
+    name: str,
+    *,
+    settings: Settings,
+    total: int | None = None,
+    pack_size: int | None = None,
+    wait: bool = False,
+    on_progress: Callable[[Progress], None] | None = None,
+    on_start: Callable[[StudyReport], None] | None = None,
+) -> StudyReport:
+    """Work on the study ``name`` beside any other workers, until it holds ``total`` trials
+    (default: its experiment's). The experiment comes from the service's registry, so nothing
+    but the database URLs is needed; with ``wait``, wait for the study to be launched."""
+    settings.ensure_home()
+    registry = Registry(open_database(settings))
+    while (text := registry.study_experiment(name)) is None:
+        if not wait:
+            known = ", ".join(registry.known_studies()) or "none yet"
+            raise StudyError(
+                f"no study named {name!r} in the service database (studies: {known}); "
+                "launch it with `hpo run EXPERIMENT.toml`, or pass --wait"
+            )
+        time.sleep(2.0)
+    experiment = parse_experiment(text)
+    record_target = total is not None
+    if total is None:  # the total its launcher asked for, else its experiment's
+        study = load_study(name, open_storage(settings.storage_url))
+        total = study.user_attrs.get(ATTR_TARGET, experiment.search.trials)
+    return run_study(
+        experiment,
+        settings=settings,
+        study_name=name,
+        total=total,
+        pack_size=pack_size,
+        joining=True,
+        record_target=record_target,
+        on_progress=on_progress,
+        on_start=on_start,
+    )
 
 
 def _best_or_none(study: optuna.Study) -> dict[str, Any] | None:
@@ -406,8 +632,13 @@ def _best_or_none(study: optuna.Study) -> dict[str, Any] | None:
 
 
 def _finish(
-    tracker: StudyTracker, study: optuna.Study, knobs: dict[str, Knob], *, status: str
-) -> None:
+    tracker: StudyTracker,
+    study: optuna.Study,
+    knobs: dict[str, Knob],
+    *,
+    status: str,
+    grace: float = 30.0,
+) -> Delivery:
     import matplotlib.pyplot as plt
 
     counts = Counter(t.state.name for t in study.get_trials(deepcopy=False))
@@ -419,4 +650,4 @@ def _finish(
     finally:
         for _, figure in figures:
             plt.close(figure)
-        tracker.close()
+    return tracker.close(grace=grace)

@@ -110,7 +110,7 @@ def make_sampler(
 ) -> optuna.samplers.BaseSampler:
     """Seeded, so a study is reproducible. ``seed_offset`` (the trials already in the study)
     keeps a resumed study from replaying the random draws of its first session."""
-    seed = search.seed + seed_offset
+    seed = (search.seed + seed_offset) % 2**32  # what numpy accepts
     if search.sampler == "random":
         return optuna.samplers.RandomSampler(seed=seed)
     if search.sampler == "grid":

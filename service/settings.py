@@ -35,6 +35,19 @@ class Settings(BaseSettings):
         default=None, description="the service's own database (default: SQLite in home)"
     )
     device: str = "auto"
+    heartbeat_interval: int = Field(
+        default=10, gt=0, description="seconds between a running trial's heartbeats"
+    )
+    tracking_grace: float = Field(
+        default=30.0,
+        ge=0,
+        description="seconds a finished study waits for an unreachable MLflow server",
+    )
+    heartbeat_grace: int | None = Field(
+        default=None,
+        gt=0,
+        description="seconds without a heartbeat before a trial is failed (default: 3 intervals)",
+    )
     ui_host: str = "127.0.0.1"
     ui_port: int = 5000
     mlflow_ui_url: str | None = Field(
@@ -52,6 +65,15 @@ class Settings(BaseSettings):
         if token is not None and not token.get_secret_value().strip():
             raise ValueError("HPO_API_TOKEN is set but empty: set a token, or unset it")
         return token
+
+    @property
+    def grace_period(self) -> int:
+        return self.heartbeat_grace or 3 * self.heartbeat_interval
+
+    @property
+    def outbox_dir(self) -> Path:
+        """Where MLflow updates wait while the tracking server is away."""
+        return self.home.resolve() / "outbox"
 
     @property
     def storage_url(self) -> str:

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import functools
+import secrets
+import warnings
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -14,6 +17,7 @@ from sqlalchemy.engine import make_url
 
 from service.errors import StudyError
 from service.experiment import KNOBS, Experiment
+from service.retry import retry_transient
 from service.search import make_pruner, make_sampler
 
 __all__ = [
@@ -22,6 +26,8 @@ __all__ = [
     "ATTR_EXPERIMENT_NAME",
     "ATTR_EXPERIMENT_TEXT",
     "ATTR_FINGERPRINT",
+    "ATTR_TARGET",
+    "RetryingRDBStorage",
     "StudySummary",
     "best_summary",
     "load_study",
@@ -37,6 +43,7 @@ ATTR_EXPERIMENT = "hpo.experiment"
 ATTR_EXPERIMENT_NAME = "hpo.experiment_name"
 ATTR_EXPERIMENT_FILE = "hpo.experiment_file"
 ATTR_EXPERIMENT_TEXT = "hpo.experiment_toml"
+ATTR_TARGET = "hpo.target_trials"  # the study's total, as last asked for
 
 
 def safe_url(url: str) -> str:
@@ -47,16 +54,76 @@ def safe_url(url: str) -> str:
         return url
 
 
-def open_storage(url: str) -> optuna.storages.RDBStorage:
-    """Optuna's RDB storage at ``url``; connections are checked before use (``pool_pre_ping``)."""
+class RetryingRDBStorage(optuna.storages.RDBStorage):
+    """Optuna's RDB storage whose calls survive a dropped connection: with ``pool_pre_ping`` a
+    stale pooled connection is replaced before use, and a call that still fails because the
+    database is away (restarting, say) is tried again for up to ``retry_seconds``."""
+
+    retry_seconds: float = 60.0
+
+
+def _retrying(name: str) -> Callable[..., Any]:
+    method = getattr(optuna.storages.RDBStorage, name)
+
+    @functools.wraps(method)
+    def call(self: RetryingRDBStorage, *args: Any, **kwargs: Any) -> Any:
+        return retry_transient(
+            lambda: method(self, *args, **kwargs), seconds=self.retry_seconds, what=f"Optuna {name}"
+        )
+
+    return call
+
+
+# every call that talks to the database; the schema and session plumbing is left alone
+_STORAGE_CALLS = sorted(
+    name
+    for name, value in vars(optuna.storages.RDBStorage).items()
+    if callable(value)
+    # Optuna's cache reads trials through the private _get_trials
+    and (not name.startswith("_") or name in {"_get_stale_trial_ids", "_get_trials"})
+    and name
+    not in {
+        "remove_session",
+        "upgrade",
+        "get_current_version",
+        "get_head_version",
+        "get_all_versions",
+        "get_heartbeat_interval",
+        "get_heartbeat_stale_trial_callback",
+        "get_failed_trial_callback",
+    }
+)
+for _name in _STORAGE_CALLS:
+    setattr(RetryingRDBStorage, _name, _retrying(_name))
+
+
+def open_storage(
+    url: str,
+    *,
+    heartbeat_interval: int | None = None,
+    grace_period: int | None = None,
+    retry_seconds: float = 60.0,
+) -> RetryingRDBStorage:
+    """Optuna's RDB storage at ``url``; connections are checked before use (``pool_pre_ping``)
+    and calls are retried while the database is briefly away. With ``heartbeat_interval``,
+    running trials carry heartbeats and those of a dead worker can be found and failed."""
     engine_kwargs: dict[str, Any] = {}
     if not url.startswith("sqlite"):
         engine_kwargs["pool_pre_ping"] = True
     try:
-        return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            storage = RetryingRDBStorage(
+                url,
+                engine_kwargs=engine_kwargs,
+                heartbeat_interval=heartbeat_interval,
+                grace_period=grace_period,
+            )
     except (sqlalchemy.exc.SQLAlchemyError, ValueError, ImportError) as exc:
         detail = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
         raise StudyError(f"cannot open the Optuna storage {safe_url(url)}: {detail}") from None
+    storage.retry_seconds = retry_seconds
+    return storage
 
 
 def _differences(old: Any, new: Any, prefix: str = "") -> list[str]:
@@ -80,9 +147,17 @@ def load_study(name: str, storage: optuna.storages.BaseStorage) -> optuna.Study:
 
 
 def open_study_for(
-    experiment: Experiment, *, name: str, storage: optuna.storages.BaseStorage
+    experiment: Experiment,
+    *,
+    name: str,
+    storage: optuna.storages.BaseStorage,
+    joining: bool = False,
 ) -> optuna.Study:
-    """The study ``name`` for this experiment: created if new, refused if it holds another one."""
+    """The study ``name`` for this experiment: created if new, refused if it holds another one.
+
+    A resumed study's sampler continues the seed sequence after its trials, so a resumed study
+    draws new configs, reproducibly. A process ``joining`` others that are still running
+    draws from a seed of its own, or it would draw the configs they draw."""
     knobs = experiment.knobs
     if name in optuna.get_all_study_names(storage):
         existing = optuna.load_study(study_name=name, storage=storage)
@@ -101,10 +176,13 @@ def open_study_for(
                 f"{', '.join(changed[:3]) or 'its settings'}); give a new --study name to start "
                 "another study"
             )
+        offset = len(existing.trials)
+        if joining or any(t.state == TrialState.RUNNING for t in existing.trials):
+            offset += secrets.randbelow(2**20) * 1000
         return optuna.load_study(
             study_name=name,
             storage=storage,
-            sampler=make_sampler(experiment.search, knobs, seed_offset=len(existing.trials)),
+            sampler=make_sampler(experiment.search, knobs, seed_offset=offset),
             pruner=make_pruner(experiment.search),
         )
     study = optuna.create_study(

@@ -3,18 +3,23 @@ shipped in batches from a background thread so the trainer never waits on the ne
 
 from __future__ import annotations
 
+import fcntl
+import json
 import logging
-import queue
+import os
 import threading
 import time
+import uuid
+from collections import deque
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from functools import partial
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from mlflow.entities import Metric, Param, RunTag
+from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import INVALID_STATE
 from mlflow.tracking import MlflowClient
 
 from service.errors import TrackingError
@@ -24,9 +29,13 @@ __all__ = [
     "EXPERIMENT_KIND",
     "MAX_BATCH",
     "RUN_STATUS",
-    "MetricShipper",
+    "Delivery",
+    "Outbox",
     "StudyTracker",
     "connect",
+    "deliver_outbox",
+    "is_transient",
+    "outbox_name",
 ]
 
 log = logging.getLogger(__name__)
@@ -39,6 +48,13 @@ RUN_STATUS = {"COMPLETE": "FINISHED", "PRUNED": "KILLED", "FAIL": "FAILED"}
 
 def connect(tracking_uri: str) -> MlflowClient:
     """A client for ``tracking_uri``, checked to answer, so a bad URI fails before any work."""
+    # The outbox waits for a server that went away; MLflow's own retries (7, with backoff)
+    # would only hold each request for minutes. Users can still set these themselves.
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
+    # a line per run on stdout would break the progress display
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     if is_remote(tracking_uri):
         import requests
 
@@ -58,102 +74,407 @@ def connect(tracking_uri: str) -> MlflowClient:
     return client
 
 
+def is_transient(exc: BaseException) -> bool:
+    """Whether an MLflow request failed because the server is away (down, restarting,
+    overloaded) rather than because the request was wrong: only the first is worth waiting for."""
+    import requests
+
+    if isinstance(exc, requests.RequestException | ConnectionError | TimeoutError):
+        return True
+    if isinstance(exc, MlflowException):
+        if exc.error_code in _TRANSIENT_CODES:
+            return True
+        text = str(exc)
+        return "Max retries exceeded" in text or "Connection" in text or "timed out" in text
+    return False
+
+
+_TRANSIENT_CODES = {"INTERNAL_ERROR", "TEMPORARILY_UNAVAILABLE", "REQUEST_LIMIT_EXCEEDED"}
+_PENDING = "pending:"
+
+
 @dataclass
-class _Batch:
-    run_id: str
+class _Op:
+    """One update of a run, as it waits in the outbox: points, params and tags (``batch``),
+    the end of a run (``terminate``), a run created late (``create``), a JSON artifact
+    (``dict``). ``run`` is the run's id, or ``pending:<key>`` for a run not created yet."""
+
+    kind: str
+    run: str
     metrics: list[Metric] = field(default_factory=list)
+    params: list[Param] = field(default_factory=list)
+    tags: list[RunTag] = field(default_factory=list)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> str:
+        return json.dumps(
+            {
+                "kind": self.kind,
+                "run": self.run,
+                "metrics": [[m.key, m.value, m.timestamp, m.step] for m in self.metrics],
+                "params": [[p.key, p.value] for p in self.params],
+                "tags": [[t.key, t.value] for t in self.tags],
+                "extra": self.extra,
+            }
+        )
+
+    @classmethod
+    def from_json(cls, line: str) -> _Op:
+        data = json.loads(line)
+        return cls(
+            data["kind"],
+            data["run"],
+            [Metric(k, v, t, s) for k, v, t, s in data["metrics"]],
+            [Param(k, v) for k, v in data["params"]],
+            [RunTag(k, v) for k, v in data["tags"]],
+            data["extra"],
+        )
 
 
-_STOP = object()
+@dataclass
+class Delivery:
+    """What became of a study's MLflow updates."""
+
+    points_sent: int = 0
+    kept: int = 0  # updates that could not be delivered, kept in ``outbox`` for `hpo sync`
+    outbox: Path | None = None
+    dropped: list[str] = field(default_factory=list)  # updates the server refused as invalid
+    outage_s: float = 0.0  # time spent waiting for an unreachable server
 
 
-class MetricShipper:
-    """Sends metric points to MLflow from a background thread, at most :data:`MAX_BATCH` a request.
+class _Sender:
+    """Sends :class:`_Op` s to MLflow; knows the runs created late (``pending:`` refs)."""
 
-    Points of the same run that queue up while a request is in flight are merged into the next
-    request. Other run updates (tags, status) go through the same queue as callables, so they
-    reach the server after the points logged before them. A failed request is tried again (the
-    HTTP client also retries on its own); once one has failed for good, later requests get a
-    single try each, so a dead server cannot hold the study up for long. What could not be sent
-    is counted and reported by :meth:`close`.
+    def __init__(self, client: MlflowClient, experiment_id: str | None) -> None:
+        self.client, self.experiment_id = client, experiment_id
+        self.runs: dict[str, str] = {}  # pending ref -> run id
+        self.on_run_created: Callable[[int, str], None] | None = None
+
+    def resolve(self, ref: str) -> str | None:
+        return self.runs.get(ref) if ref.startswith(_PENDING) else ref
+
+    def send(self, op: _Op) -> int:
+        """Deliver ``op``; returns the points it carried. Safe to repeat: MLflow keeps one
+        copy of a point sent twice, and a late run is looked up by its key before it is made."""
+        if op.kind == "create":
+            self._create(op)
+            return 0
+        run_id = self.resolve(op.run) or self._find(op.run)
+        if run_id is None:
+            raise MlflowException(f"the run {op.run} was never created", error_code=INVALID_STATE)
+        if op.kind == "batch":
+            self.client.log_batch(
+                run_id, metrics=op.metrics[:MAX_BATCH], params=op.params, tags=op.tags
+            )
+            for start in range(MAX_BATCH, len(op.metrics), MAX_BATCH):
+                self.client.log_batch(run_id, metrics=op.metrics[start : start + MAX_BATCH])
+            return len(op.metrics)
+        if op.kind == "terminate":
+            self.client.set_terminated(run_id, op.extra["status"], op.extra.get("end_time"))
+        elif op.kind == "dict":
+            self.client.log_dict(run_id, op.extra["value"], op.extra["path"])
+        return 0
+
+    def _find(self, ref: str) -> str | None:
+        if not ref.startswith(_PENDING) or self.experiment_id is None:
+            return None
+        key = ref.removeprefix(_PENDING)
+        found = self.client.search_runs(
+            [self.experiment_id], filter_string=f"tags.`hpo.run_key` = '{key}'", max_results=1
+        )
+        if found:
+            self.runs[ref] = found[0].info.run_id
+            return self.runs[ref]
+        return None
+
+    def _create(self, op: _Op) -> None:
+        if self.resolve(op.run) or self._find(op.run):
+            return
+        self.experiment_id = op.extra["experiment_id"]
+        run = self.client.create_run(
+            op.extra["experiment_id"],
+            start_time=op.extra["start_time"],
+            tags={t.key: t.value for t in op.tags},
+            run_name=op.extra["run_name"],
+        )
+        self.runs[op.run] = run.info.run_id
+        if self.on_run_created is not None:
+            try:
+                self.on_run_created(op.extra["number"], run.info.run_id)
+            except Exception as exc:  # a row to repair later, not a reason to stop sending
+                log.warning("could not record the late MLflow run: %s", exc)
+
+
+class Outbox:
+    """Updates for MLflow, sent in order from a background thread so training never waits.
+
+    Points of one run that queue up while a request is in flight go out together, at most
+    :data:`MAX_BATCH` a request. While the server is away, updates wait and are tried again,
+    with backoff, until it is back; beyond ``spill_after`` points they wait on disk, in
+    ``spill_path``. What is still undelivered at :meth:`close` stays in that file, for
+    ``hpo sync``. A request the server refuses as invalid is reported and dropped.
     """
 
-    def __init__(self, client: MlflowClient, *, attempts: int = 3, backoff: float = 0.5) -> None:
-        self._client, self._attempts, self._backoff = client, attempts, backoff
-        self._queue: queue.Queue[Any] = queue.Queue()
-        self._failing = False
-        self.points_sent = 0
-        self.points_lost = 0
-        self.failures: list[str] = []
+    def __init__(
+        self,
+        client: MlflowClient,
+        *,
+        experiment_id: str | None = None,
+        spill_path: Path | None = None,
+        spill_after: int = 200_000,
+        backoff_max: float = 5.0,
+    ) -> None:
+        self.sender = _Sender(client, experiment_id)
+        self.spill_path, self.spill_after, self.backoff_max = spill_path, spill_after, backoff_max
+        self._memory: deque[_Op] = deque()
+        self._memory_points = 0
+        self._spilled = 0  # ops waiting in the spill file, older than those in memory
+        self._read_at = 0  # where in the spill file the next op to send starts
+        self._cond = threading.Condition()
+        self._busy = False
+        self._closing = False
+        self.delivery = Delivery(outbox=spill_path)
+        self.down_since: float | None = None
+        self._lock_file = None
+        if spill_path is not None:
+            spill_path.parent.mkdir(parents=True, exist_ok=True)
+            self._lock_file = _lock_path(spill_path).open("a")
+            fcntl.flock(self._lock_file, fcntl.LOCK_EX)
         self._thread = threading.Thread(target=self._work, name="mlflow-shipper", daemon=True)
         self._thread.start()
 
-    def log(self, run_id: str, metrics: list[Metric]) -> None:
-        if metrics:
-            self._queue.put(_Batch(run_id, list(metrics)))
+    @property
+    def healthy(self) -> bool:
+        return self.down_since is None
 
-    def call(self, fn: Callable[[], None]) -> None:
-        self._queue.put(fn)
+    @property
+    def pending(self) -> int:
+        with self._cond:
+            return len(self._memory) + self._spilled + self._busy
 
-    def flush(self) -> None:
-        """Block until everything queued so far has been sent (or given up on)."""
-        self._queue.join()
+    def put(self, op: _Op) -> None:
+        with self._cond:
+            self._memory.append(op)
+            self._memory_points += len(op.metrics)
+            if not self._busy:  # an op in flight might come back to the front of memory
+                self._maybe_spill()
+            self._cond.notify_all()
 
-    def close(self) -> None:
-        self.flush()
-        self._queue.put(_STOP)
-        self._thread.join()
-
-    def _work(self) -> None:
-        taken_early: list[Any] = []  # an item pulled while merging, handled next
-        while True:
-            item = taken_early.pop() if taken_early else self._queue.get()
-            if item is _STOP:
-                self._queue.task_done()
-                return
-            if not isinstance(item, _Batch):
-                self._attempt(item)
-                self._queue.task_done()
-                continue
-            merged = 1
-            while len(item.metrics) < MAX_BATCH and not taken_early:
-                try:
-                    nxt = self._queue.get_nowait()
-                except queue.Empty:
-                    break
-                if isinstance(nxt, _Batch) and nxt.run_id == item.run_id:
-                    item.metrics += nxt.metrics
-                    merged += 1
-                else:
-                    taken_early.append(nxt)
-            self._send(item)
-            for _ in range(merged):
-                self._queue.task_done()
-
-    def _send(self, batch: _Batch) -> None:
-        for start in range(0, len(batch.metrics), MAX_BATCH):
-            chunk = batch.metrics[start : start + MAX_BATCH]
-            if self._attempt(partial(self._client.log_batch, batch.run_id, metrics=chunk)):
-                self.points_sent += len(chunk)
-            else:
-                self.points_lost += len(chunk)
-
-    def _attempt(self, fn: Callable[[], Any]) -> bool:
-        attempts = 1 if self._failing else self._attempts
-        for attempt in range(attempts):
-            try:
-                fn()
-            except Exception as exc:
-                if attempt == attempts - 1:
-                    self._failing = True
-                    self.failures.append(f"{type(exc).__name__}: {exc}"[:300])
-                    log.warning("MLflow request failed for good: %s", exc)
+    def flush(self, timeout: float | None = None) -> bool:
+        """Wait until everything queued so far is delivered; False if ``timeout`` passed first."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._cond:
+            while self._memory or self._spilled or self._busy:
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
                     return False
-                time.sleep(self._backoff * 2**attempt)
-            else:
-                self._failing = False
-                return True
-        return False
+                self._cond.wait(left)
+        return True
+
+    def close(self, *, grace: float = 30.0) -> Delivery:
+        """Deliver what is queued: as long as it takes while the server answers, and at most
+        ``grace`` seconds more once it is away. The rest is kept on disk."""
+        while not self.flush(timeout=1.0):
+            down = self.down_since
+            if down is not None and time.monotonic() - down > grace:
+                break
+            if not self._thread.is_alive():
+                break
+        with self._cond:
+            self._closing = True
+            self._cond.notify_all()
+        self._thread.join()
+        with self._cond:
+            self._keep_undelivered()
+        if self._lock_file is not None:
+            self._lock_file.close()  # releases the lock
+            _lock_path(self.spill_path).unlink(missing_ok=True)
+        return self.delivery
+
+    # -- the background thread -------------------------------------------------------------------
+    def _work(self) -> None:
+        delay = 0.25
+        while True:
+            with self._cond:
+                while not (self._memory or self._spilled or self._closing):
+                    self._cond.wait()
+                if self._closing:
+                    return
+                try:
+                    op, from_file, next_read = self._next()
+                except Exception as exc:  # an unreadable spill file: what it held is reported
+                    log.error("could not read the MLflow outbox %s: %s", self.spill_path, exc)
+                    self.delivery.dropped.append(f"unreadable outbox: {_short(exc)}")
+                    self._spilled = self._read_at = 0
+                    self._cond.notify_all()
+                    continue
+                self._busy = True
+            try:
+                self.delivery.points_sent += self.sender.send(op)
+            except Exception as exc:
+                if is_transient(exc):
+                    if self.down_since is None:
+                        self.down_since = time.monotonic()
+                        log.warning("MLflow is unreachable (%s); updates wait", _short(exc))
+                    with self._cond:
+                        self._put_back(op, from_file)
+                        self._busy = False
+                        self._maybe_spill()
+                        self._cond.notify_all()
+                        self._cond.wait(delay)  # woken early by close()
+                    delay = min(delay * 2, self.backoff_max)
+                    continue
+                self.delivery.dropped.append(f"{type(exc).__name__}: {_short(exc)}")
+                log.warning("MLflow refused an update of run %s: %s", op.run, _short(exc))
+            if self.down_since is not None:
+                self.delivery.outage_s += time.monotonic() - self.down_since
+                self.down_since = None
+                log.warning("MLflow is back; delivering the updates that waited")
+            delay = 0.25
+            with self._cond:
+                if from_file:
+                    self._read_at = next_read
+                    self._spilled -= op.extra.pop("_merged", 1)
+                self._busy = False
+                self._cond.notify_all()
+
+    def _next(self) -> tuple[_Op, bool, int]:
+        """The oldest op (merged with the points of the same run right behind it)."""
+        if self._spilled:
+            assert self.spill_path is not None
+            with self.spill_path.open("r", encoding="utf-8") as f:
+                f.seek(self._read_at)
+                op = _Op.from_json(f.readline())
+                merged = 1
+                while op.kind == "batch" and len(op.metrics) < MAX_BATCH and merged < self._spilled:
+                    where = f.tell()
+                    nxt = _Op.from_json(f.readline())
+                    if not _mergeable(op, nxt):
+                        f.seek(where)
+                        break
+                    op.metrics += nxt.metrics
+                    merged += 1
+                op.extra["_merged"] = merged
+                return op, True, f.tell()
+        op = self._memory.popleft()
+        self._memory_points -= len(op.metrics)
+        while op.kind == "batch" and len(op.metrics) < MAX_BATCH and self._memory:
+            if not _mergeable(op, self._memory[0]):
+                break
+            nxt = self._memory.popleft()
+            self._memory_points -= len(nxt.metrics)
+            op = _Op("batch", op.run, op.metrics + nxt.metrics, op.params, op.tags)
+        if len(op.metrics) > MAX_BATCH:  # the rest goes back to the front, in order
+            rest = _Op("batch", op.run, op.metrics[MAX_BATCH:])
+            op.metrics = op.metrics[:MAX_BATCH]
+            self._memory.appendleft(rest)
+            self._memory_points += len(rest.metrics)
+        return op, False, 0
+
+    def _put_back(self, op: _Op, from_file: bool) -> None:
+        if from_file:
+            op.extra.pop("_merged", None)
+            return  # the file still holds it at the same place
+        self._memory.appendleft(op)
+        self._memory_points += len(op.metrics)
+
+    def _maybe_spill(self) -> None:
+        if self.spill_path is None or self._memory_points <= self.spill_after:
+            return
+        self.spill_path.parent.mkdir(parents=True, exist_ok=True)
+        with self.spill_path.open("a", encoding="utf-8") as f:
+            for op in self._memory:
+                f.write(self._resolved(op).to_json() + "\n")
+        self._spilled += len(self._memory)
+        self._memory.clear()
+        self._memory_points = 0
+
+    def _resolved(self, op: _Op) -> _Op:
+        return _resolved_by(self.sender, op)
+
+    def _keep_undelivered(self) -> None:
+        """Leave exactly the undelivered updates in the spill file (none: no file)."""
+        path = self.spill_path
+        rest: list[str] = []
+        if path is not None and self._spilled:
+            with path.open("r", encoding="utf-8") as f:
+                f.seek(self._read_at)
+                rest = [self._resolved(_Op.from_json(line)).to_json() for line in f if line.strip()]
+        rest += [self._resolved(op).to_json() for op in self._memory]
+        kept = len(rest)
+        self._memory.clear()
+        self._spilled = self._read_at = self._memory_points = 0
+        if path is None:
+            self.delivery.kept = kept
+            self.delivery.outbox = None
+            if kept:
+                self.delivery.dropped.append(f"{kept} update(s) not delivered (no outbox)")
+            return
+        if kept:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text("".join(line + "\n" for line in rest), encoding="utf-8")
+            tmp.replace(path)
+        else:
+            path.unlink(missing_ok=True)
+        self.delivery.kept = kept
+        self.delivery.outbox = path if kept else None
+
+
+def _mergeable(op: _Op, nxt: _Op) -> bool:
+    return nxt.kind == "batch" and nxt.run == op.run and not nxt.params and not nxt.tags
+
+
+def _short(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return text[:200]
+
+
+def deliver_outbox(
+    client: MlflowClient, directory: Path, *, experiment_id: str | None = None
+) -> Delivery:
+    """Send the updates that a study kept on disk because MLflow was away (``hpo sync``).
+    Each file is sent in order and removed once delivered; a file that cannot be finished
+    keeps what is left of it. A file still in use by a running study is left to it."""
+    total = Delivery()
+    for path in sorted(directory.glob("*.jsonl")):
+        with _lock_path(path).open("a") as lock:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                log.warning("%s is in use by a running study; left to it", path)
+                continue
+            _deliver_file(_Sender(client, experiment_id), path, total)
+        _lock_path(path).unlink(missing_ok=True)
+    return total
+
+
+def _deliver_file(sender: _Sender, path: Path, total: Delivery) -> None:
+    ops = [_Op.from_json(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
+    for index, op in enumerate(ops):
+        try:
+            total.points_sent += sender.send(op)
+        except Exception as exc:
+            if not is_transient(exc):
+                total.dropped.append(f"{type(exc).__name__}: {_short(exc)}")
+                continue
+            rest = "".join(_resolved_by(sender, x).to_json() + "\n" for x in ops[index:])
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text(rest, encoding="utf-8")
+            tmp.replace(path)
+            total.kept += len(ops) - index
+            total.outbox = path
+            return
+    path.unlink()
+
+
+def _lock_path(spill: Path) -> Path:
+    return spill.with_suffix(".lock")
+
+
+def _resolved_by(sender: _Sender, op: _Op) -> _Op:
+    run = sender.resolve(op.run) or op.run
+    return op if run == op.run else _Op(op.kind, run, op.metrics, op.params, op.tags, op.extra)
 
 
 def _now_ms() -> int:
@@ -161,15 +482,39 @@ def _now_ms() -> int:
 
 
 class StudyTracker:
-    """The MLflow side of one study (DESIGN §4): experiment, parent run, child runs."""
+    """The MLflow side of one study (DESIGN §4): experiment, parent run, child runs.
+
+    Everything after the study's start goes through an :class:`Outbox`, so a tracking server
+    that goes away mid-study holds nothing up: a trial that starts meanwhile gets its run once
+    the server is back, and what never gets through is kept under ``outbox_dir``.
+    """
 
     def __init__(
-        self, client: MlflowClient, study_name: str, *, artifact_root: Path | None = None
+        self,
+        client: MlflowClient,
+        study_name: str,
+        *,
+        artifact_root: Path | None = None,
+        outbox_dir: Path | None = None,
+        spill_after: int = 200_000,
     ) -> None:
         self.client, self.study_name = client, study_name
         self.experiment_id = self._experiment(artifact_root)
         self.parent_run_id: str | None = None
-        self.shipper = MetricShipper(client)
+        spill = None
+        if outbox_dir is not None:
+            spill = outbox_dir / outbox_name(study_name) / f"{uuid.uuid4().hex}.jsonl"
+        self.outbox = Outbox(
+            client, experiment_id=self.experiment_id, spill_path=spill, spill_after=spill_after
+        )
+
+    @property
+    def on_run_created(self) -> Callable[[int, str], None] | None:
+        return self.outbox.sender.on_run_created
+
+    @on_run_created.setter
+    def on_run_created(self, callback: Callable[[int, str], None] | None) -> None:
+        self.outbox.sender.on_run_created = callback
 
     def _experiment(self, artifact_root: Path | None) -> str:
         experiment = self.client.get_experiment_by_name(self.study_name)
@@ -177,11 +522,16 @@ class StudyTracker:
             location = None
             if artifact_root is not None and not is_remote(self.client.tracking_uri):
                 location = (artifact_root / self.study_name).resolve().as_uri()
-            return self.client.create_experiment(
-                self.study_name,
-                artifact_location=location,
-                tags={"mlflow.experimentKind": EXPERIMENT_KIND, "hpo.study": self.study_name},
-            )
+            try:
+                return self.client.create_experiment(
+                    self.study_name,
+                    artifact_location=location,
+                    tags={"mlflow.experimentKind": EXPERIMENT_KIND, "hpo.study": self.study_name},
+                )
+            except MlflowException as exc:  # another worker created it first
+                experiment = self.client.get_experiment_by_name(self.study_name)
+                if experiment is None:
+                    raise exc from None
         if experiment.lifecycle_stage == "deleted":
             raise TrackingError(
                 f"the MLflow experiment {self.study_name!r} is deleted; restore it in MLflow "
@@ -232,9 +582,9 @@ class StudyTracker:
         counts: Mapping[str, int],
         figures: Iterable[tuple[str, Any]] = (),
     ) -> None:
-        """Close the parent run with the best trial's value and knobs, and the study's plots."""
+        """Close the parent run with the best trial's value and knobs, and the study's plots
+        (the plots only while the server answers: they are drawn again by the next session)."""
         assert self.parent_run_id is not None
-        self.shipper.flush()
         run_id, now = self.parent_run_id, _now_ms()
         step = sum(counts.values())
         metrics = [Metric(f"trials_{state.lower()}", n, now, step) for state, n in counts.items()]
@@ -247,33 +597,72 @@ class StudyTracker:
             ]
             tags += [RunTag("hpo.best_trial", str(best["trial_number"]))]
             tags += [RunTag(f"hpo.best.{k}", str(v)) for k, v in best["params"].items()]
-        self.client.log_batch(run_id, metrics=metrics, tags=tags)
+        self.outbox.put(_Op("batch", run_id, metrics=metrics, tags=tags))
         if best is not None:
-            self.client.log_dict(run_id, dict(best), "best.json")
-        for name, figure in figures:
-            self.client.log_figure(run_id, figure, f"plots/{name}.png")
-        self.client.set_terminated(run_id, status)
+            self.outbox.put(_Op("dict", run_id, extra={"value": dict(best), "path": "best.json"}))
+        if self.outbox.flush(timeout=0) or self.outbox.healthy:
+            for name, figure in figures:
+                try:
+                    self.client.log_figure(run_id, figure, f"plots/{name}.png")
+                except Exception as exc:
+                    log.warning("could not upload the %s plot: %s", name, _short(exc))
+                    if is_transient(exc):
+                        break  # the server is away: the others would fail the same way
+        self.outbox.put(_Op("terminate", run_id, extra={"status": status, "end_time": now}))
 
     # -- trials ----------------------------------------------------------------------------------
     def start_trial(self, number: int, params: Mapping[str, Any]) -> str:
+        """The trial's run: created now when the server answers, else later, once it is back;
+        returns its id, or a ``pending:`` reference until then (see :meth:`run_id`)."""
         assert self.parent_run_id is not None
-        run = self.client.create_run(
-            self.experiment_id,
-            run_name=f"trial-{number}",
-            tags={
-                "mlflow.parentRunId": self.parent_run_id,
-                "hpo.study": self.study_name,
-                "hpo.trial_number": str(number),
-                "hpo.state": "RUNNING",
-            },
-        )
-        run_id = run.info.run_id
-        self.shipper.call(
-            lambda: self.client.log_batch(
-                run_id, params=[Param(k, str(v)) for k, v in params.items()]
+        key = uuid.uuid4().hex
+        tags = {
+            "mlflow.parentRunId": self.parent_run_id,
+            "hpo.study": self.study_name,
+            "hpo.trial_number": str(number),
+            "hpo.state": "RUNNING",
+            "hpo.run_key": key,
+        }
+        ref = None
+        if self.outbox.healthy:
+            try:
+                run = self.client.create_run(
+                    self.experiment_id, run_name=f"trial-{number}", tags=tags
+                )
+                ref = run.info.run_id
+            except Exception as exc:
+                if not is_transient(exc):
+                    raise
+                log.warning("MLflow is unreachable (%s); trial %d's run comes later", exc, number)
+        if ref is None:
+            ref = _PENDING + key
+            create = _Op(
+                "create",
+                ref,
+                tags=[RunTag(k, v) for k, v in tags.items()],
+                extra={
+                    "experiment_id": self.experiment_id,
+                    "run_name": f"trial-{number}",
+                    "start_time": _now_ms(),
+                    "number": number,
+                },
             )
+            self.outbox.put(create)
+        self.outbox.put(_Op("batch", ref, params=[Param(k, str(v)) for k, v in params.items()]))
+        return ref
+
+    def find_trial_run(self, number: int) -> str | None:
+        """The run of trial ``number``, looked up by its tag (a worker that died cannot say)."""
+        found = self.client.search_runs(
+            [self.experiment_id],
+            filter_string=f"tags.`hpo.trial_number` = '{number}'",
+            max_results=1,
         )
-        return run_id
+        return found[0].info.run_id if found else None
+
+    def run_id(self, ref: str) -> str | None:
+        """The MLflow run id behind ``ref`` (None while its run waits to be created)."""
+        return self.outbox.sender.resolve(ref)
 
     def log_curve(
         self, run_id: str, steps: np.ndarray, train_loss: np.ndarray, lr: np.ndarray
@@ -281,14 +670,18 @@ class StudyTracker:
         now = _now_ms()
         metrics = [
             Metric("train_loss", float(v), now, int(s))
-            for s, v in zip(steps, train_loss, strict=True)
+            for s, v in zip(steps.tolist(), train_loss.tolist(), strict=True)
         ]
-        metrics += [Metric("lr", float(v), now, int(s)) for s, v in zip(steps, lr, strict=True)]
-        self.shipper.log(run_id, metrics)
+        metrics += [
+            Metric("lr", float(v), now, int(s))
+            for s, v in zip(steps.tolist(), lr.tolist(), strict=True)
+        ]
+        self.outbox.put(_Op("batch", run_id, metrics=metrics))
 
     def log_metrics(self, run_id: str, step: int, values: Mapping[str, float]) -> None:
         now = _now_ms()
-        self.shipper.log(run_id, [Metric(k, float(v), now, step) for k, v in values.items()])
+        metrics = [Metric(k, float(v), now, step) for k, v in values.items()]
+        self.outbox.put(_Op("batch", run_id, metrics=metrics))
 
     def end_trial(
         self,
@@ -305,18 +698,20 @@ class StudyTracker:
         tags = [RunTag("hpo.state", state)]
         if reason:
             tags.append(RunTag("hpo.reason", reason[:5000]))
+        self.outbox.put(_Op("batch", run_id, tags=tags))
+        self.outbox.put(
+            _Op("terminate", run_id, extra={"status": RUN_STATUS[state], "end_time": _now_ms()})
+        )
 
-        def finish() -> None:
-            self.client.log_batch(run_id, tags=tags)
-            self.client.set_terminated(run_id, RUN_STATUS[state])
+    def fail_run(self, run_id: str, reason: str) -> None:
+        """End another worker's run as FAILED (that worker died)."""
+        self.end_trial(run_id, "FAIL", step=0, reason=reason)
 
-        self.shipper.call(finish)
+    def close(self, *, grace: float = 30.0) -> Delivery:
+        """Deliver what is queued (see :meth:`Outbox.close`) and say what became of it."""
+        return self.outbox.close(grace=grace)
 
-    def close(self) -> None:
-        self.shipper.close()
-        if self.shipper.failures:
-            raise TrackingError(
-                f"{len(self.shipper.failures)} MLflow request(s) failed after retries "
-                f"({self.shipper.points_lost} metric points not delivered); "
-                f"first: {self.shipper.failures[0]}"
-            )
+
+def outbox_name(name: str) -> str:
+    """The folder of a study's kept updates, under ``$HPO_HOME/outbox``."""
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name) or "study"

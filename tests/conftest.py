@@ -79,7 +79,8 @@ def fresh_postgres_database() -> Iterator[str]:
     import sqlalchemy as sa
 
     name = f"hpo_t_{uuid.uuid4().hex[:12]}"
-    admin = sa.create_engine(base, isolation_level="AUTOCOMMIT")
+    # pre-ping: a test may restart the server meanwhile
+    admin = sa.create_engine(base, isolation_level="AUTOCOMMIT", pool_pre_ping=True)
     with admin.connect() as conn:
         conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
     url = sa.engine.make_url(base).set(database=name).render_as_string(hide_password=False)

@@ -209,7 +209,8 @@ def test_other_experiment_under_existing_study_is_refused(hpo, tmp_path, tiny_ex
     ids=["SIGINT", "SIGTERM"],
 )
 def test_interrupted_run_leaves_no_running_trial(hpo, tmp_path, signum, code, word):
-    """Ctrl-C or kill mid-study: the trials in training end FAILED in Optuna and MLflow."""
+    """Ctrl-C or kill mid-study: the trials in training end FAILED in Optuna and MLflow, and
+    their configs wait in the study for the next run or worker."""
     slow = TINY_DIGITS.replace("steps = 60", "steps = 200000").replace(
         "eval_every = 20", "eval_every = 100"
     )
@@ -224,7 +225,7 @@ def test_interrupted_run_leaves_no_running_trial(hpo, tmp_path, signum, code, wo
     )
     client = MlflowClient(f"sqlite:///{hpo.home / 'mlflow.db'}")
     # The first line comes once the study exists; only then is its storage safe to open here.
-    assert process.stdout.readline().startswith("study tiny: 2 trials")
+    assert process.stdout.readline().startswith("study tiny: up to 2 trials")
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         trials = optuna.load_study(study_name="tiny", storage=hpo.storage).trials
@@ -240,7 +241,9 @@ def test_interrupted_run_leaves_no_running_trial(hpo, tmp_path, signum, code, wo
     assert word in err and "Traceback" not in err
 
     study = optuna.load_study(study_name="tiny", storage=hpo.storage)
-    assert [t.state.name for t in study.trials] == ["FAIL", "FAIL"]
+    states = [t.state.name for t in study.trials]
+    assert states == ["FAIL", "FAIL", "WAITING", "WAITING"]
+    assert [t.params for t in study.trials[2:]] == [t.params for t in study.trials[:2]]
     _, (parent,), children = runs_of(client, "tiny")
     assert parent.info.status == "KILLED"
     assert [r.info.status for r in children] == ["FAILED", "FAILED"]

@@ -8,7 +8,7 @@ from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
 
 from service.errors import TrackingError
-from service.tracking import MAX_BATCH, MetricShipper, StudyTracker, connect
+from service.tracking import MAX_BATCH, Outbox, StudyTracker, _Op, connect, deliver_outbox
 
 pytestmark = pytest.mark.e2e
 
@@ -38,19 +38,31 @@ class RecordingClient(MlflowClient):
 def test_points_queued_during_a_request_are_merged_up_to_1000(mlflow_server):
     client = RecordingClient(mlflow_server.url)
     run_id = client.create_run(client.create_experiment("shipper-merge")).info.run_id
-    shipper = MetricShipper(client)
-    gate = threading.Event()
-    shipper.call(gate.wait)  # holds the worker, like a slow request in flight
+    outbox = Outbox(client)
+    in_flight, gate = threading.Event(), threading.Event()
+    original = client.log_batch
+
+    def slow_request(*args, **kwargs):
+        in_flight.set()
+        gate.wait()
+        return original(*args, **kwargs)
+
+    client.log_batch = slow_request
+    outbox.put(_Op("batch", run_id, metrics=[Metric("train_loss", -1.0, 0, 10_000)]))
+    assert in_flight.wait(30)
     for chunk in range(5):  # five flushes of 700 points pile up meanwhile
         steps = range(chunk * 700, (chunk + 1) * 700)
-        shipper.log(run_id, [Metric("train_loss", float(s), 0, s) for s in steps])
+        outbox.put(
+            _Op("batch", run_id, metrics=[Metric("train_loss", float(s), 0, s) for s in steps])
+        )
     gate.set()
-    shipper.close()
-    assert shipper.failures == [] and shipper.points_sent == 3500
-    assert client.batch_sizes == [1000, 400, 1000, 400, 700]
+    delivery = outbox.close()
+    assert delivery.dropped == [] and delivery.kept == 0 and delivery.points_sent == 3501
+    assert client.batch_sizes[0] == 1 and max(client.batch_sizes) == MAX_BATCH
+    assert len(client.batch_sizes) <= 6  # merged: 3,500 points in at most 5 requests
     assert client.threads == {"mlflow-shipper"}
     history = client.get_metric_history(run_id, "train_loss")
-    assert sorted(m.step for m in history) == list(range(3500))
+    assert sorted(m.step for m in history) == [*range(3500), 10_000]
 
 
 def test_tracker_layout_and_ordering(mlflow_server):
@@ -66,7 +78,7 @@ def test_tracker_layout_and_ordering(mlflow_server):
     tracker.log_metrics(run_id, 2500, {"ema_val_loss": 0.25})
     tracker.end_trial(run_id, "COMPLETE", step=2500, objective=0.25)
     tracker.finish_study(status="FINISHED", best=None, counts={"COMPLETE": 1})
-    tracker.close()
+    assert tracker.close().kept == 0
 
     calls = [(what, n) for what, run, n in client.calls if run == run_id]
     assert calls[-1] == ("set_terminated", 0), "the run must end after all its points"
@@ -89,18 +101,33 @@ def test_tracker_layout_and_ordering(mlflow_server):
     again.close()
 
 
-def test_a_dead_server_does_not_hold_the_study(monkeypatch):
-    """Requests fail for good after their retries; later ones get one try; close() reports."""
+def test_updates_wait_for_a_dead_server_on_disk_and_sync_delivers_them_once(
+    mlflow_server, tmp_path, monkeypatch
+):
+    """A server that never comes back: the study is not held up beyond the grace, every
+    update is kept on disk (spilled early past the threshold), and delivered exactly once."""
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-    client = RecordingClient("http://127.0.0.1:9")
-    shipper = MetricShipper(client, attempts=3, backoff=0.01)
+    live = MlflowClient(mlflow_server.url)
+    run_id = live.create_run(live.create_experiment("outbox-dead")).info.run_id
+    dead = RecordingClient("http://127.0.0.1:9")
+    spill = tmp_path / "outbox" / "study" / "a.jsonl"
+    outbox = Outbox(dead, spill_path=spill, spill_after=1000, backoff_max=0.05)
     for start in range(0, 2500, 500):
-        shipper.log("run", [Metric("train_loss", 0.0, 0, s) for s in range(start, start + 500)])
-    shipper.close()
-    assert shipper.points_sent == 0 and shipper.points_lost == 2500
-    # 3 attempts for the first request, then one each for the two that followed it
-    assert len(client.calls) == 3 + 2
-    assert "ConnectionError" in shipper.failures[0] or "Connection" in shipper.failures[0]
+        steps = range(start, start + 500)
+        outbox.put(_Op("batch", run_id, metrics=[Metric("train_loss", 1.0, 7, s) for s in steps]))
+    outbox.put(_Op("terminate", run_id, extra={"status": "FINISHED", "end_time": 8}))
+    assert spill.exists(), "past spill_after, updates wait on disk"
+    delivery = outbox.close(grace=1.0)
+    assert delivery.points_sent == 0 and delivery.kept >= 2 and delivery.outbox == spill
+    assert len(dead.calls) >= 2  # it kept trying
+
+    first = deliver_outbox(live, spill.parent)
+    assert first.points_sent == 2500 and first.kept == 0 and not spill.exists()
+    again = deliver_outbox(live, spill.parent)  # nothing left: nothing sent twice
+    assert again.points_sent == 0
+    history = live.get_metric_history(run_id, "train_loss")
+    assert sorted(m.step for m in history) == list(range(2500))
+    assert live.get_run(run_id).info.status == "FINISHED"
 
 
 def test_unreachable_server_is_one_clear_error():

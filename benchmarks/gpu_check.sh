@@ -1,0 +1,71 @@
+#!/usr/bin/env bash
+# GPU check: the machine, the GPU-marked tests, the rest of tests/training, and the pack
+# throughput benchmark (benchmarks/pack_speed.py). Needs only python3 with torch, numpy,
+# scikit-learn, pytest and requests (no Optuna, MLflow, SQLAlchemy or pydantic).
+#
+#     bash benchmarks/gpu_check.sh            # full run (about 2 minutes on one H100/H200)
+#     QUICK=1 bash benchmarks/gpu_check.sh    # seconds; also works without a GPU
+#
+# Everything goes to stdout; when $OUT is set, a copy goes to $OUT/gpu_check.log.
+set -u -o pipefail
+cd "$(dirname "$0")/.."
+
+PY=${PYTHON:-python3}
+export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH}
+export PYTHONUNBUFFERED=1
+
+section() { printf '\n===== %s =====\n' "$*"; }
+
+main() {
+local status=0
+
+section "machine ($(date -u +%Y-%m-%dT%H:%M:%SZ))"
+uname -srm
+nproc
+if command -v nvidia-smi >/dev/null; then
+    nvidia-smi -L
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+else
+    echo "nvidia-smi: not found"
+fi
+"$PY" - <<'EOF'
+import platform, torch, numpy, sklearn, pytest
+print(f"python {platform.python_version()}  torch {torch.__version__}  numpy {numpy.__version__}"
+      f"  scikit-learn {sklearn.__version__}  pytest {pytest.__version__}")
+print(f"torch CUDA runtime {torch.version.cuda}, cuda available: {torch.cuda.is_available()}")
+if torch.cuda.is_available():
+    p = torch.cuda.get_device_properties(0)
+    print(f"CUDA device: {torch.cuda.get_device_name(0)}, {p.total_memory / 2**30:.1f} GiB, "
+          f"{p.multi_processor_count} SMs, capability {p.major}.{p.minor}")
+EOF
+
+section "imports the test suite needs (tests/conftest.py)"
+"$PY" -c "import requests, service.mlflow_server, service.training; print('ok: requests', requests.__version__)" || status=1
+
+# pyproject's filterwarnings names optuna.exceptions.ExperimentalWarning, which cannot be
+# resolved without Optuna: override it with an empty list. No cache folder is written.
+PYTEST=("$PY" -m pytest -p no:cacheprovider -o filterwarnings= -q)
+
+section "GPU tests: pytest -m gpu tests/training"
+"${PYTEST[@]}" -m gpu tests/training || status=1
+
+section "the other training tests: pytest -m 'not gpu' tests/training"
+"${PYTEST[@]}" -m "not gpu" tests/training || status=1
+
+section "pack throughput: benchmarks/pack_speed.py"
+if [ -n "${QUICK:-}" ]; then
+    "$PY" benchmarks/pack_speed.py --quick || status=1
+else
+    "$PY" benchmarks/pack_speed.py || status=1
+fi
+
+section "done, exit status $status"
+return $status
+}
+
+if [ -n "${OUT:-}" ]; then
+    mkdir -p "$OUT"
+    main 2>&1 | tee "$OUT/gpu_check.log"
+    exit "${PIPESTATUS[0]}"
+fi
+main

@@ -1,0 +1,53 @@
+"""Retries of database calls whose connection dropped (a restart, a failover, a lost socket)."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from typing import TypeVar
+
+import sqlalchemy.exc
+
+__all__ = ["is_transient", "retry_transient"]
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+_TRANSIENT = (sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError)
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Whether ``exc`` (or what it was raised from, as Optuna wraps SQLAlchemy's errors) says
+    the connection was lost or refused, rather than that the statement was wrong."""
+    seen = 0
+    cause: BaseException | None = exc
+    while cause is not None and seen < 5:
+        if isinstance(cause, _TRANSIENT):
+            return True
+        if isinstance(cause, sqlalchemy.exc.DBAPIError) and cause.connection_invalidated:
+            return True
+        cause, seen = cause.__cause__, seen + 1
+    return False
+
+
+def retry_transient(fn: Callable[[], T], *, seconds: float, what: str = "database call") -> T:
+    """Call ``fn``; while it fails for a transient reason, call it again with backoff, for at
+    most ``seconds``. Any other error, or the last transient one, is raised as it is."""
+    deadline = time.monotonic() + seconds
+    delay = 0.2
+    while True:
+        try:
+            return fn()
+        except Exception as exc:
+            if not is_transient(exc) or time.monotonic() + delay > deadline:
+                raise
+            log.warning("%s failed (%s); retrying in %.1fs", what, _first_line(exc), delay)
+        time.sleep(delay)
+        delay = min(delay * 2, 5.0)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(getattr(exc, "orig", None) or exc).strip()
+    return text.splitlines()[0][:200] if text else type(exc).__name__

@@ -1,0 +1,146 @@
+"""Many workers on one study: the trial budget they share, heartbeats, and the trials of workers
+that died (failed, then queued again with the same config, as Optuna's RetryFailedTrialCallback
+does)."""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import threading
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+
+import optuna
+import sqlalchemy
+from optuna.trial import FrozenTrial, TrialState
+
+__all__ = [
+    "MAX_RETRIES",
+    "Heartbeat",
+    "claimed",
+    "is_retry",
+    "requeue",
+    "stale_trials",
+    "study_lock",
+]
+
+log = logging.getLogger(__name__)
+
+MAX_RETRIES = 3  # a config that kills its worker every time is not retried forever
+
+# the system attributes of Optuna's RetryFailedTrialCallback, so its helpers read ours
+_FAILED_TRIAL = "failed_trial"
+_RETRY_HISTORY = "retry_history"
+
+
+def is_retry(trial: FrozenTrial) -> bool:
+    """A trial queued to redo one whose worker died or was stopped: it takes no budget."""
+    return _FAILED_TRIAL in trial.system_attrs
+
+
+def claimed(trials: Iterable[FrozenTrial]) -> int:
+    """How much of the study's trial budget is taken: every trial except the retries (the
+    trial a retry replaces keeps its place)."""
+    return sum(not is_retry(t) for t in trials)
+
+
+def requeue(study: optuna.Study, trial: FrozenTrial) -> bool:
+    """Queue a new trial with ``trial``'s config, unless it was retried :data:`MAX_RETRIES`
+    times already; returns whether it was queued. Unlike RetryFailedTrialCallback, the failed
+    trial's user attributes (its MLflow run, its failure) are not copied; its system attributes
+    are (a grid sampler's ``grid_id``, say, so the retry stands for the same grid point)."""
+    history = [*trial.system_attrs.get(_RETRY_HISTORY, []), trial.number]
+    if len(history) > MAX_RETRIES:
+        log.warning("trial %d failed %d times; not retried again", trial.number, len(history))
+        return False
+    study.add_trial(
+        optuna.create_trial(
+            state=TrialState.WAITING,
+            params=trial.params,
+            distributions=trial.distributions,
+            system_attrs={
+                **trial.system_attrs,
+                _FAILED_TRIAL: trial.system_attrs.get(_FAILED_TRIAL, trial.number),
+                _RETRY_HISTORY: history,
+            },
+        )
+    )
+    return True
+
+
+def stale_trials(study: optuna.Study, storage: optuna.storages.RDBStorage) -> list[FrozenTrial]:
+    """Fail the running trials whose heartbeat stopped (their worker died) and return them;
+    another worker that gets there first takes them instead."""
+    failed: list[FrozenTrial] = []
+    storage.heartbeat_stale_trial_callback = lambda _study, trial: failed.append(trial)
+    try:
+        optuna.storages.fail_stale_trials(study)
+    finally:
+        storage.heartbeat_stale_trial_callback = None
+    return failed
+
+
+@contextmanager
+def study_lock(storage: optuna.storages.RDBStorage, study_name: str) -> Iterator[None]:
+    """Hold the study's lock across processes and machines, in the Optuna storage that they
+    coordinate through: workers take trials from the budget one at a time, so together they
+    never run more than it. PostgreSQL: an advisory lock; SQLite (one machine): a file lock
+    beside the database file."""
+    engine = storage.engine
+    if engine.dialect.name == "postgresql":
+        with engine.connect() as conn:
+            conn.execute(
+                sqlalchemy.text("SELECT pg_advisory_xact_lock(hashtext(:key))"),
+                {"key": f"hpo:{study_name}"},
+            )
+            try:
+                yield
+            finally:
+                conn.rollback()
+    elif engine.dialect.name == "sqlite" and engine.url.database not in (None, "", ":memory:"):
+        with open(f"{engine.url.database}.lock", "a") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+    else:  # one process, or a database without a lock we use: the budget may be overrun by one
+        yield
+
+
+class Heartbeat:
+    """Records a heartbeat for each running trial of this worker every ``interval`` seconds,
+    from a background thread, so training never waits for it."""
+
+    def __init__(self, storage: optuna.storages.RDBStorage, interval: float) -> None:
+        self._storage, self._interval = storage, interval
+        self._trial_ids: set[int] = set()
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._beat, name="hpo-heartbeat", daemon=True)
+        self._thread.start()
+
+    def add(self, trial_id: int) -> None:
+        """Start beating for a trial; its first heartbeat is written now, so a worker that
+        dies at once still leaves a trial that goes stale."""
+        self._storage.record_heartbeat(trial_id)
+        with self._lock:
+            self._trial_ids.add(trial_id)
+
+    def remove(self, trial_id: int) -> None:
+        with self._lock:
+            self._trial_ids.discard(trial_id)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _beat(self) -> None:
+        while not self._stop.wait(self._interval):
+            with self._lock:
+                trial_ids = sorted(self._trial_ids)
+            for trial_id in trial_ids:
+                try:  # without the storage's retries: the next beat is the retry
+                    optuna.storages.RDBStorage.record_heartbeat(self._storage, trial_id)
+                except Exception as exc:  # the next beat tries again; the grace covers a gap
+                    log.warning("could not record the heartbeat of trial id %d: %s", trial_id, exc)
