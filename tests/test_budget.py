@@ -1,0 +1,143 @@
+"""The pieces workers coordinate with, one at a time: the trial budget and its lock, re-queued
+trials, transient database errors, and MLflow updates for runs created late."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import optuna
+import pytest
+import sqlalchemy as sa
+from mlflow.entities import Metric
+from mlflow.tracking import MlflowClient
+from optuna.trial import TrialState
+
+from service.retry import is_transient, retry_transient
+from service.studies import open_storage
+from service.tracking import Outbox, _Op, deliver_outbox
+from service.workers import MAX_RETRIES, claimed, is_retry, requeue, study_lock
+from tests.conftest import fresh_postgres_database
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
+def storage_url(request, tmp_path):
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'optuna.db'}"
+    else:
+        with fresh_postgres_database() as url:
+            yield url
+
+
+def test_requeue_keeps_the_config_and_grid_point_not_the_run(storage_url):
+    storage = open_storage(storage_url)
+    sampler = optuna.samplers.GridSampler({"x": [1, 2, 3]}, seed=0)
+    study = optuna.create_study(study_name="s", storage=storage, sampler=sampler)
+    trial = study.ask()
+    x = trial.suggest_categorical("x", [1, 2, 3])
+    trial.set_user_attr("mlflow_run_id", "abc")
+    study.tell(trial, state=TrialState.FAIL)
+    failed = study.trials[0]
+
+    assert requeue(study, failed)
+    retry = study.trials[1]
+    assert retry.state == TrialState.WAITING and is_retry(retry)
+    assert retry.params == {"x": x} and retry.user_attrs == {}
+    assert retry.system_attrs["grid_id"] == failed.system_attrs["grid_id"]
+    assert claimed(study.trials) == 1, "a retry takes no budget"
+
+    # the retry runs the same point; a config that keeps failing is retried MAX_RETRIES times
+    for _ in range(MAX_RETRIES):
+        again = study.ask()
+        assert again.suggest_categorical("x", [1, 2, 3]) == x
+        study.tell(again, state=TrialState.FAIL)
+        requeued = requeue(study, study.trials[again.number])
+    assert not requeued
+    assert len(study.trials) == 1 + MAX_RETRIES
+    assert study.trials[-1].system_attrs["retry_history"] == list(range(MAX_RETRIES))
+
+
+def test_the_study_lock_is_held_by_one_at_a_time(storage_url):
+    storage = open_storage(storage_url)
+    optuna.create_study(study_name="s", storage=storage)
+    order: list[str] = []
+    held = threading.Event()
+
+    def first() -> None:
+        with study_lock(storage, "s"):
+            held.set()
+            time.sleep(0.5)
+            order.append("first out")
+
+    thread = threading.Thread(target=first)
+    thread.start()
+    held.wait(10)
+    with study_lock(storage, "s"):
+        order.append("second in")
+    thread.join()
+    assert order == ["first out", "second in"]
+    with study_lock(storage, "other"):  # another study's lock is another lock
+        pass
+
+
+def test_a_refused_connection_is_transient_and_a_bad_statement_is_not(tmp_path):
+    dead = sa.create_engine(
+        "postgresql+psycopg://u@127.0.0.1:9/x", connect_args={"connect_timeout": 2}
+    )
+    with pytest.raises(sa.exc.OperationalError) as refused:
+        dead.connect()
+    assert is_transient(refused.value)
+    wrong = sa.create_engine(f"sqlite:///{tmp_path / 'a.db'}")
+    calls = []
+
+    def bad() -> None:
+        calls.append(1)
+        with wrong.connect() as conn:
+            conn.execute(sa.text("SELEC 1"))
+
+    with pytest.raises(sa.exc.OperationalError):
+        retry_transient(bad, seconds=5)
+    assert is_transient(sa.exc.OperationalError("x", {}, Exception("gone")))
+    with pytest.raises(optuna.exceptions.StorageInternalError):
+        retry_transient(
+            lambda: (_ for _ in ()).throw(optuna.exceptions.StorageInternalError("no")), seconds=1
+        )
+
+
+@pytest.mark.e2e
+def test_a_run_created_late_is_found_again_and_its_updates_resolved(
+    mlflow_server, tmp_path, monkeypatch
+):
+    """A trial started while MLflow was away: its run is created once the server answers;
+    updates kept on disk after that name the real run, so `hpo sync` can deliver them."""
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # as connect() sets it, nearly
+    live = MlflowClient(mlflow_server.url)
+    experiment_id = live.create_experiment("late-run")
+    spill = tmp_path / "outbox" / "late-run" / "a.jsonl"
+    outbox = Outbox(live, experiment_id=experiment_id, spill_path=spill, backoff_max=0.05)
+    create = _Op(
+        "create",
+        "pending:key1",
+        extra={"experiment_id": experiment_id, "run_name": "trial-0", "start_time": 1, "number": 0},
+    )
+    create.tags = []
+    outbox.put(create)
+    assert outbox.flush(timeout=30)
+    run_id = outbox.sender.resolve("pending:key1")
+    assert run_id is not None
+
+    outbox.sender.client = MlflowClient("http://127.0.0.1:9")  # the server goes away again
+    steps = range(100)
+    outbox.put(
+        _Op("batch", "pending:key1", metrics=[Metric("train_loss", 1.0, 5, s) for s in steps])
+    )
+    outbox.put(_Op("terminate", "pending:key1", extra={"status": "FINISHED", "end_time": 9}))
+    delivery = outbox.close(grace=0.5)
+    assert (
+        delivery.kept == 2 and "pending:" not in spill.read_text() and run_id in spill.read_text()
+    )
+
+    sent = deliver_outbox(live, spill.parent)
+    assert sent.points_sent == 100 and sent.kept == 0 and not spill.exists()
+    assert sorted(m.step for m in live.get_metric_history(run_id, "train_loss")) == list(steps)
+    assert live.get_run(run_id).info.status == "FINISHED"
