@@ -1,13 +1,18 @@
 """Trials per minute: `hpo run` against the way people tune with Optuna and MLflow today.
 
-Both sides run the same experiment (data, model, loss, steps, evaluation cadence, search space,
+Three ways run the same experiment (data, model, loss, steps, evaluation cadence, search space,
 TPE seed, median pruner) for the same number of trials, against the same `mlflow server`,
-started here on SQLite. The baseline is an Optuna objective with a plain PyTorch loop
-(`torch.optim.SGD`, `LambdaLR`, an EMA by hand), optuna-integration's `MLflowCallback`, and
-`mlflow.log_metric` for each step of the curve. Each side runs as its own command, so both pay
-their start-up. Prints trials per minute, the ratio, and the best objective each reached.
+started here on SQLite: the baseline (an Optuna objective with a plain PyTorch loop —
+`torch.optim.SGD`, `LambdaLR`, an EMA by hand —, optuna-integration's `MLflowCallback`, and
+`mlflow.log_metric` for each step of the curve), `hpo run --pack 1` and `hpo run --pack auto`.
+Each runs as its own command, so each pays its start-up. Then the two `hpo run`s again with the
+curves off (`HPO_LOG_CURVES=false`: training, Optuna and the runs' results only), and the
+server's own ingest rate: the same number of points in batches of 1,000, alone.
 
-    .venv/bin/python benchmarks/throughput.py [--trials 8] [--steps 200] [--experiment FILE]
+Prints trials per minute and the ratios, the wall time spent logging, each command's peak
+memory (RSS; and GPU memory on CUDA), and the best objective each reached.
+
+    .venv/bin/python benchmarks/throughput.py [--trials 24] [--steps 400] [--experiment FILE]
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -80,6 +86,7 @@ def run_baseline(experiment_path: Path, n_trials: int, tracking_uri: str, storag
 
     mlflow.set_tracking_uri(tracking_uri)
     callback = MLflowCallback(tracking_uri=tracking_uri, metric_name="objective")
+    logged = [0.0]  # seconds inside log_metric calls
 
     @callback.track_in_mlflow()
     def objective(trial: optuna.Trial) -> float:
@@ -114,8 +121,10 @@ def run_baseline(experiment_path: Path, n_trials: int, tracking_uri: str, storag
             with torch.no_grad():
                 for s, p in zip(shadow.parameters(), model.parameters(), strict=True):
                     s.mul_(d).add_(p, alpha=1 - d)
+            logging_started = time.perf_counter()
             mlflow.log_metric("train_loss", loss.item(), step=g)
             mlflow.log_metric("lr", lr, step=g)
+            logged[0] += time.perf_counter() - logging_started
             if (g + 1) % eval_every == 0 or g + 1 == t.steps:
                 with torch.no_grad():
                     val = F.cross_entropy(model(x_val), y_val).item()
@@ -135,23 +144,72 @@ def run_baseline(experiment_path: Path, n_trials: int, tracking_uri: str, storag
         ),
     )
     study.optimize(objective, n_trials=n_trials, callbacks=[callback])
+    print(f"BASELINE_LOGGING_S {logged[0]:.3f}")
 
 
-def timed(command: list[str], env: dict[str, str]) -> tuple[float, str]:
+# Runs a command's Python module and reports its peak memory on exit (RSS; GPU when used).
+PEAK = """
+import resource, runpy, sys
+sys.argv = sys.argv[1:]
+try:
+    runpy.run_path(sys.argv[0], run_name="__main__") if sys.argv[0].endswith(".py") else \
+        runpy.run_module(sys.argv[0], run_name="__main__", alter_sys=True)
+finally:
+    gpu = 0
+    if "torch" in sys.modules and sys.modules["torch"].cuda.is_initialized():
+        gpu = sys.modules["torch"].cuda.max_memory_allocated()
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    print(f"PEAK_MEMORY {rss} {gpu}", file=sys.stderr)
+"""
+
+
+@dataclass
+class Result:
+    name: str
+    seconds: float
+    logging_s: float | None
+    rss: int
+    gpu: int
+    best: float | None
+    pack: str = ""
+
+
+def timed(command: list[str], env: dict[str, str]) -> tuple[float, str, int, int]:
     start = time.perf_counter()
-    result = subprocess.run(command, env=env, capture_output=True, text=True)
+    result = subprocess.run(
+        [sys.executable, "-c", PEAK, *command], env=env, capture_output=True, text=True
+    )
     elapsed = time.perf_counter() - start
     if result.returncode != 0:
         raise SystemExit(f"{command[:4]} failed:\n{result.stdout}\n{result.stderr}")
-    return elapsed, result.stdout
+    peak = re.search(r"PEAK_MEMORY (\d+) (\d+)", result.stderr)
+    rss, gpu = (int(peak.group(1)), int(peak.group(2))) if peak else (0, 0)
+    return elapsed, result.stdout, rss, gpu
+
+
+def ingest_rate(url: str, points: int) -> float:
+    """Points per second the server takes in batches of 1,000 from one client, alone."""
+    from mlflow.entities import Metric
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(url)
+    run_id = client.create_run(client.create_experiment("ingest")).info.run_id
+    now = int(time.time() * 1000)
+    batches = [
+        [Metric("train_loss", 0.5, now, step) for step in range(start, min(start + 1000, points))]
+        for start in range(0, points, 1000)
+    ]
+    started = time.perf_counter()
+    for batch in batches:
+        client.log_batch(run_id, metrics=batch)
+    return points / (time.perf_counter() - started)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--experiment", type=Path, default=ROOT / "experiments" / "digits.toml")
-    parser.add_argument("--trials", type=int, default=8)
-    parser.add_argument("--steps", type=int, default=200)
-    parser.add_argument("--pack", type=int, default=None, help="hpo's pack size (default: file)")
+    parser.add_argument("--trials", type=int, default=24)
+    parser.add_argument("--steps", type=int, default=400)
     parser.add_argument("--baseline-only", nargs=3, metavar=("EXP", "TRACKING", "STORAGE"))
     args = parser.parse_args()
     if args.baseline_only:
@@ -171,46 +229,105 @@ def main() -> None:
         experiment_path.write_text(text)
         server, url = start_mlflow(root)
         env = {k: v for k, v in os.environ.items() if not k.startswith(("HPO_", "MLFLOW_"))}
-        env["HPO_HOME"] = str(root / "hpo")
         env["PYTHONPATH"] = str(ROOT)
+        results: list[Result] = []
+
+        def hpo(name: str, pack: str, *, curves: bool) -> Result:
+            home = root / name
+            run_env = dict(env, HPO_HOME=str(home), HPO_LOG_CURVES=str(curves).lower())
+            command = [
+                "service.cli", "run", str(experiment_path), "--study", name,
+                "--trials", str(args.trials), "--tracking-uri", url, "--pack", pack,
+            ]  # fmt: skip
+            seconds, out, rss, gpu = timed(command, run_env)
+            sending = re.search(r"([\d.]+)s sending", out)
+            size = re.search(r"(\d+) at a time", out)
+            study = optuna.load_study(study_name=name, storage=f"sqlite:///{home / 'optuna.db'}")
+            return Result(
+                name,
+                seconds,
+                float(sending.group(1)) if sending else None,
+                rss,
+                gpu,
+                study.best_value,
+                size.group(1) if size else "?",
+            )
+
         try:
             base_storage = f"sqlite:///{root / 'baseline.db'}"
             base_cmd = [
-                sys.executable, __file__, "--trials", str(args.trials),
+                __file__, "--trials", str(args.trials),
                 "--baseline-only", str(experiment_path), url, base_storage,
             ]  # fmt: skip
-            base_s, _ = timed(base_cmd, env)
-            hpo_cmd = [
-                sys.executable, "-m", "service.cli", "run", str(experiment_path),
-                "--study", "hpo", "--trials", str(args.trials), "--tracking-uri", url,
-            ]  # fmt: skip
-            if args.pack:
-                hpo_cmd += ["--pack", str(args.pack)]
-            hpo_s, hpo_out = timed(hpo_cmd, env)
+            seconds, out, rss, gpu = timed(base_cmd, dict(env, HPO_HOME=str(root / "b")))
+            logging_s = float(re.search(r"BASELINE_LOGGING_S ([\d.]+)", out).group(1))
+            best = optuna.load_study(study_name="baseline", storage=base_storage).best_value
+            results.append(Result("baseline", seconds, logging_s, rss, gpu, best, "1"))
+            results.append(hpo("pack-1", "1", curves=True))
+            results.append(hpo("pack-auto", "auto", curves=True))
+            quiet_1 = hpo("pack-1-no-curves", "1", curves=False)
+            quiet_auto = hpo("pack-auto-no-curves", "auto", curves=False)
+            points = args.trials * args.steps * 2  # train_loss and lr at every step
+            rate = ingest_rate(url, points)
         finally:
             stop_server(server)
 
-        base_best = optuna.load_study(study_name="baseline", storage=base_storage).best_value
-        hpo_study = optuna.load_study(
-            study_name="hpo", storage=f"sqlite:///{root / 'hpo' / 'optuna.db'}"
+    base, pack_1, auto = results
+    print(f"\n{args.experiment.name}: {args.trials} trials x {args.steps} steps, one server")
+    cpu = platform.processor() or platform.machine()
+    print(f"machine: {cpu}, {os.cpu_count()} cpus, torch device: {_device()}")
+    print(
+        f"  {'way':<62} {'pack':>5} {'seconds':>8} {'trials/min':>10} {'logging s':>9} "
+        f"{'RSS MiB':>8} {'GPU MiB':>8} {'best':>8}"
+    )
+    names = {
+        "baseline": "baseline: Optuna + PyTorch + MLflowCallback + log_metric/step",
+        "pack-1": "hpo run --pack 1",
+        "pack-auto": "hpo run --pack auto",
+        "pack-1-no-curves": "hpo run --pack 1, curves off (training only)",
+        "pack-auto-no-curves": "hpo run --pack auto, curves off (training only)",
+    }
+    for r in [*results, quiet_1, quiet_auto]:
+        rate_min = args.trials / r.seconds * 60
+        logging = f"{r.logging_s:9.1f}" if r.logging_s is not None else f"{'-':>9}"
+        print(
+            f"  {names[r.name]:<62} {r.pack:>5} {r.seconds:8.1f} {rate_min:10.2f} {logging} "
+            f"{r.rss / 2**20:8.0f} {r.gpu / 2**20:8.0f} {r.best:8.4f}"
         )
-        pack = re.search(r"(\d+) at a time", hpo_out)
-        rows = {
-            "baseline (Optuna + PyTorch loop + MLflowCallback + log_metric per step)": (
-                base_s,
-                base_best,
-            ),
-            f"hpo run (pack {pack.group(1) if pack else '?'})": (hpo_s, hpo_study.best_value),
-        }
-        print(f"\n{args.experiment.name}: {args.trials} trials x {args.steps} steps, one server")
-        print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cpus")
-        for name, (seconds, best) in rows.items():
-            rate = args.trials / seconds * 60
-            print(f"  {name:<75} {seconds:8.1f} s  {rate:8.2f} trials/min  best {best:.4f}")
-        print(f"  ratio hpo / baseline (trials per minute): {base_s / hpo_s:.1f}x")
-        summary = {"baseline_s": base_s, "hpo_s": hpo_s, "ratio": base_s / hpo_s}
-        summary |= {"baseline_best": base_best, "hpo_best": hpo_study.best_value}
-        print(json.dumps(summary))
+    ingest_s = points / rate
+    bound = max(quiet_auto.seconds, ingest_s)
+    summary = {
+        "auto_over_baseline": base.seconds / auto.seconds,
+        "pack1_over_baseline": base.seconds / pack_1.seconds,
+        "auto_over_pack1": pack_1.seconds / auto.seconds,
+        "training_only_auto_over_pack1": quiet_1.seconds / quiet_auto.seconds,
+        "server_ingest_points_per_s": rate,
+        "ingest_s": ingest_s,
+        "auto_over_max_of_no_curves_and_ingest": auto.seconds / bound,
+    }
+    print(
+        f"  ratio, end to end, --pack auto / baseline:       {summary['auto_over_baseline']:.1f}x"
+    )
+    print(
+        f"  ratio, end to end, --pack 1 / baseline:          {summary['pack1_over_baseline']:.1f}x"
+    )
+    print(
+        "  ratio, training only, --pack auto / --pack 1:    "
+        f"{summary['training_only_auto_over_pack1']:.1f}x"
+    )
+    print(
+        f"  server ingest alone: {rate:,.0f} points/s in batches of 1,000 -> {points:,} points "
+        f"in {ingest_s:.1f}s; --pack auto with curves took {auto.seconds:.1f}s = "
+        f"{summary['auto_over_max_of_no_curves_and_ingest']:.2f}x the larger of that and "
+        f"its curves-off time ({quiet_auto.seconds:.1f}s)"
+    )
+    print(json.dumps(summary))
+
+
+def _device() -> str:
+    import torch
+
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
 
 
 if __name__ == "__main__":

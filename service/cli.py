@@ -51,8 +51,19 @@ DeviceOpt = Annotated[
     str | None, typer.Option(help="auto (CUDA when present), cpu or cuda (env HPO_DEVICE)")
 ]
 PackOpt = Annotated[
-    int | None, typer.Option(min=1, help="Trials trained together (default: the experiment's)")
+    str | None,
+    typer.Option(
+        help="Trials trained together: a number, or auto (measured; default: the experiment's)"
+    ),
 ]
+
+
+def _pack(value: str | None) -> int | str | None:
+    if value is None or value == "auto":
+        return value
+    if value.isdigit() and int(value) >= 1:
+        return int(value)
+    raise HPOError(f"--pack {value}: give 'auto' or a whole number of at least 1")
 
 
 def _settings(**overrides: Any):
@@ -73,6 +84,29 @@ class Terminated(KeyboardInterrupt):
 
 def _terminate(signum: int, frame: Any) -> None:
     raise Terminated()
+
+
+class _Stopper:
+    """SIGINT/SIGTERM during a study: the first asks it to stop at its next safe point (an
+    exception raised at an arbitrary instruction could leave a lock held); a second one stops
+    at once."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+
+    def handle(self, signum: int, frame: Any) -> None:
+        if self.signum is not None:
+            self.signum = signum
+            self.check()
+        self.signum = signum
+        # os.write: safe inside a signal handler, unlike print() or the progress display
+        os.write(2, b"\nstopping at the next step (send it again to stop at once)\n")
+
+    def check(self) -> None:
+        if self.signum == signal.SIGTERM:
+            raise Terminated()
+        if self.signum is not None:
+            raise KeyboardInterrupt()
 
 
 def _quiet_libraries() -> None:
@@ -113,7 +147,7 @@ def run(
             settings=settings,
             study_name=study,
             n_trials=trials,
-            pack_size=pack,
+            pack_size=_pack(pack),
             **hooks,
         ),
         settings,
@@ -147,7 +181,7 @@ def worker(
         console.print(f"waiting for study [bold]{study}[/] to be launched (Ctrl-C stops)")
     _train(
         lambda **hooks: join_study(
-            study, settings=settings, total=trials, pack_size=pack, wait=wait, **hooks
+            study, settings=settings, total=trials, pack_size=_pack(pack), wait=wait, **hooks
         ),
         settings,
     )
@@ -168,6 +202,7 @@ def _train(start: Any, settings: Any) -> None:
         BarColumn(),
         MofNCompleteColumn(),
         TextColumn("trials  best {task.fields[best]}"),
+        TextColumn("{task.fields[mlflow]}"),
         TimeElapsedColumn(),
         console=console,
         transient=False,
@@ -178,18 +213,25 @@ def _train(start: Any, settings: Any) -> None:
         nonlocal task
         console.print(
             f"study [bold]{report.study_name}[/]: up to {report.trials_run} trials here on "
-            f"{report.device}, {report.pack_size} at a time"
+            f"{report.device}, {report.pack_size} at a time ({report.pack_reason})"
         )
         bar.start()
-        task = bar.add_task(report.study_name, total=report.trials_run or None, best="-")
+        task = bar.add_task(report.study_name, total=report.trials_run or None, best="-", mlflow="")
 
     def progressed(p) -> None:
         best = f"{p.best_value:.5g}" if p.best_value is not None else "-"
-        bar.update(task, completed=p.done, best=best)
+        # a backlog of more than a few requests' worth: the server, not training, sets the pace
+        behind = (
+            f"[yellow]MLflow behind: {p.tracking_waiting:,} points waiting[/]"
+            if p.tracking_waiting > 5 * 1000
+            else ""
+        )
+        bar.update(task, completed=p.done, best=best, mlflow=behind)
 
-    previous = signal.signal(signal.SIGTERM, _terminate)
+    stopper = _Stopper()
+    previous = {s: signal.signal(s, stopper.handle) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        report = start(on_progress=progressed, on_start=started)
+        report = start(on_progress=progressed, on_start=started, check_stop=stopper.check)
     except KeyboardInterrupt as exc:
         bar.stop()
         what, code = ("terminated", 143) if isinstance(exc, Terminated) else ("interrupted", 130)
@@ -200,7 +242,8 @@ def _train(start: Any, settings: Any) -> None:
         raise typer.Exit(code) from None
     finally:
         bar.stop()
-        signal.signal(signal.SIGTERM, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
     counts = ", ".join(f"{n} {s.lower()}" for s, n in sorted(report.counts.items())) or "no trials"
     console.print(f"{report.trials_run} trials here in {report.elapsed:.1f}s: {counts}")
@@ -236,6 +279,12 @@ def _train(start: Any, settings: Any) -> None:
 def _print_delivery(study: str, delivery: Any) -> None:
     if delivery is None:
         return
+    if delivery.requests:
+        console.print(
+            f"MLflow: {delivery.points_sent:,} points in {delivery.requests:,} requests, "
+            f"{delivery.sending_s:.1f}s sending beside training; at most "
+            f"{delivery.most_waiting:,} points waited"
+        )
     if delivery.outage_s:
         err_console.print(
             f"note: the MLflow server was unreachable for {delivery.outage_s:.0f}s; "
@@ -462,7 +511,11 @@ def serve(
 
 
 def main() -> None:
-    """Entry point: errors become one line on stderr and a non-zero exit code."""
+    """Entry point: errors become one line on stderr and a non-zero exit code.
+    ``kill -USR1`` makes a running command print every thread's stack (to see where it waits)."""
+    import faulthandler
+
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
     try:
         code = app(standalone_mode=False)
     except HPOError as exc:

@@ -9,7 +9,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from service.errors import ExperimentError
 
@@ -273,7 +281,18 @@ class SearchSection(Section):
     pruner_startup_trials: int = Field(default=5, ge=0)
     pruner_warmup_steps: int = Field(default=0, ge=0)
     seed: int = Field(default=0, ge=0, le=2**32 - 1)
-    pack: int = Field(default=8, ge=1, description="trials trained together in one pack")
+    pack: int | Literal["auto"] = Field(
+        default="auto",
+        description="trials trained together in one pack: a number ≥ 1, or 'auto' (measured)",
+    )
+
+    @field_validator("pack", mode="before")
+    @classmethod
+    def _auto_or_positive(cls, pack: Any) -> Any:
+        if pack == "auto" or (isinstance(pack, int) and not isinstance(pack, bool) and pack >= 1):
+            return pack
+        raise ValueError("must be 'auto' or a whole number of at least 1")
+
     space: SearchSpace = SearchSpace()
 
     @model_validator(mode="after")
@@ -370,7 +389,7 @@ def _format_error(error: ValidationError) -> str:
     if isinstance(problem, _Problem):
         key = ".".join(part for part in (loc, problem.key) if part)
         return f"{key}: {problem.message}"
-    message = first["msg"]
+    message = first["msg"].removeprefix("Value error, ")
     value = first.get("input")
     if first["type"] == "missing":
         return f"{loc}: missing"

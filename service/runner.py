@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 import optuna
+import torch
 from optuna.trial import FrozenTrial, TrialState
 
 from service.datasets import Dataset, load_data
@@ -43,6 +44,7 @@ from service.training import (
     resolve_device,
     train,
 )
+from service.training.packing import choose_pack_size
 from service.workers import Heartbeat, claimed, requeue, stale_trials, study_lock
 
 __all__ = [
@@ -69,6 +71,7 @@ class Progress:
     best_value: float | None
     trial_number: int
     state: str
+    tracking_waiting: int = 0  # curve points logged but not yet taken by the MLflow server
 
 
 @dataclass
@@ -82,6 +85,7 @@ class StudyReport:
     mlflow_experiment_id: str
     device: str
     pack_size: int
+    pack_reason: str
     trials_run: int
     counts: dict[str, int] = field(default_factory=dict)
     best: dict[str, Any] | None = None
@@ -145,6 +149,7 @@ class _StudyHooks:
         settings: Settings,
         device: str,
         on_progress: Callable[[Progress], None] | None,
+        check_stop: Callable[[], None] | None = None,
     ) -> None:
         self.study, self.storage, self.experiment = study, storage, experiment
         self.knobs = experiment.knobs
@@ -161,6 +166,9 @@ class _StudyHooks:
         self.counts: Counter[str] = Counter()
         self.best_value: float | None = None
         self.given_heartbeat: set[int] = set()
+        # raises KeyboardInterrupt once a stop was asked for (a signal, handled by the caller)
+        self.check_stop = check_stop or (lambda: None)
+        self.log_curves = settings.log_curves
 
     # -- the budget ------------------------------------------------------------------------------
     def _claimable(self, trials: list[FrozenTrial]) -> bool:
@@ -219,6 +227,7 @@ class _StudyHooks:
             running = [t for t in trials if t.state == TrialState.RUNNING]
             if not running:
                 return False
+            self.check_stop()
             for trial in running:
                 # a trial left running by a process without heartbeats gets one, so it too
                 # goes stale; for a live worker's trial this is one more beat
@@ -229,6 +238,7 @@ class _StudyHooks:
 
     # -- the trainer's hooks ---------------------------------------------------------------------
     def next_trial(self) -> TrialSpec | None:
+        self.check_stop()
         self.reap()
         trial = self._claim()
         if trial is None:
@@ -260,9 +270,12 @@ class _StudyHooks:
         return TrialSpec(key=trial.number, schedule=schedule, init_seed=seed, data_seed=seed)
 
     def on_curve(self, key, steps: np.ndarray, train_loss: np.ndarray, lr: np.ndarray) -> None:
-        self.tracker.log_curve(self.live[key][1], steps, train_loss, lr)
+        self.check_stop()
+        if self.log_curves:
+            self.tracker.log_curve(self.live[key][1], steps, train_loss, lr)
 
     def on_evaluation(self, key, step: int, metrics: dict[str, float]) -> None:
+        self.check_stop()
         trial, run_id = self.live[key]
         self.tracker.log_metrics(run_id, step, metrics)
         trial.report(metrics["ema_val_loss"], step)
@@ -303,7 +316,10 @@ class _StudyHooks:
             self.best_value = value
         if self.on_progress is not None:
             done = sum(self.counts.values())
-            self.on_progress(Progress(done, self.target, self.best_value, trial.number, state))
+            waiting = self.tracker.outbox.waiting_points
+            self.on_progress(
+                Progress(done, self.target, self.best_value, trial.number, state, waiting)
+            )
 
     def _tell(self, trial: optuna.Trial, **outcome: Any) -> FrozenTrial:
         """Tell Optuna; a trial already failed by another worker (its heartbeats were late)
@@ -429,11 +445,12 @@ def run_study(
     study_name: str | None = None,
     n_trials: int | None = None,
     total: int | None = None,
-    pack_size: int | None = None,
+    pack_size: int | str | None = None,
     joining: bool = False,
     record_target: bool = True,
     on_progress: Callable[[Progress], None] | None = None,
     on_start: Callable[[StudyReport], None] | None = None,
+    check_stop: Callable[[], None] | None = None,
 ) -> StudyReport:
     """Add ``n_trials`` trials (default: the experiment's) to the study, or, with ``total``,
     take trials until the study holds that many, with any other workers on it; track them in
@@ -484,7 +501,9 @@ def run_study(
         study.set_user_attr(ATTR_TARGET, target)
     waiting = sum(t.state == TrialState.WAITING for t in trials)
     planned = max(0, target - claimed(trials)) + waiting
-    pack = max(1, min(pack_size or experiment.search.pack, planned or 1))
+    pack, pack_reason = _pack_size(
+        pack_size or experiment.search.pack, shape, loss, data, config, device, planned
+    )
 
     tracker = StudyTracker(
         client, name, artifact_root=settings.artifacts_dir, outbox_dir=settings.outbox_dir
@@ -525,6 +544,7 @@ def run_study(
         mlflow_experiment_id=tracker.experiment_id,
         device=str(device),
         pack_size=pack,
+        pack_reason=pack_reason,
         trials_run=planned,
     )
     if on_start is not None:
@@ -541,6 +561,7 @@ def run_study(
         settings=settings,
         device=str(device),
         on_progress=on_progress,
+        check_stop=check_stop,
     )
     tracker.on_run_created = hooks.on_run_created
     try:
@@ -588,10 +609,11 @@ def join_study(
     *,
     settings: Settings,
     total: int | None = None,
-    pack_size: int | None = None,
+    pack_size: int | str | None = None,
     wait: bool = False,
     on_progress: Callable[[Progress], None] | None = None,
     on_start: Callable[[StudyReport], None] | None = None,
+    check_stop: Callable[[], None] | None = None,
 ) -> StudyReport:
     """Work on the study ``name`` beside any other workers, until it holds ``total`` trials
     (default: its experiment's). The experiment comes from the service's registry, so nothing
@@ -605,6 +627,8 @@ def join_study(
                 f"no study named {name!r} in the service database (studies: {known}); "
                 "launch it with `hpo run EXPERIMENT.toml`, or pass --wait"
             )
+        if check_stop is not None:
+            check_stop()
         time.sleep(2.0)
     experiment = parse_experiment(text)
     record_target = total is not None
@@ -621,7 +645,28 @@ def join_study(
         record_target=record_target,
         on_progress=on_progress,
         on_start=on_start,
+        check_stop=check_stop,
     )
+
+
+def _pack_size(
+    wanted: int | str,
+    shape: NetworkShape,
+    loss: Loss,
+    data: Dataset,
+    config: TrainingConfig,
+    device: torch.device,
+    planned: int,
+) -> tuple[int, str]:
+    """The pack size asked for, or measured on this device (``auto``); never above the trials
+    there are to run."""
+    if wanted != "auto":
+        size = max(1, min(int(wanted), planned or 1))
+        return size, "as asked" if size == int(wanted) else f"{planned} trial(s) to run"
+    if planned <= 1:
+        return 1, "auto: one trial to run"
+    choice = choose_pack_size(shape, loss, data.training, config, device, trials=planned)
+    return choice.size, choice.reason
 
 
 def _best_or_none(study: optuna.Study) -> dict[str, Any] | None:

@@ -38,6 +38,10 @@ class Settings(BaseSettings):
     heartbeat_interval: int = Field(
         default=10, gt=0, description="seconds between a running trial's heartbeats"
     )
+    log_curves: bool = Field(
+        default=True,
+        description="send train_loss and lr curves to MLflow (off: evaluations and results only)",
+    )
     tracking_grace: float = Field(
         default=30.0,
         ge=0,

@@ -140,6 +140,9 @@ class Delivery:
     outbox: Path | None = None
     dropped: list[str] = field(default_factory=list)  # updates the server refused as invalid
     outage_s: float = 0.0  # time spent waiting for an unreachable server
+    requests: int = 0  # requests that delivered something
+    sending_s: float = 0.0  # wall time the sender spent in requests, off the training path
+    most_waiting: int = 0  # the largest number of points that waited at once
 
 
 class _Sender:
@@ -229,6 +232,7 @@ class Outbox:
         self._memory: deque[_Op] = deque()
         self._memory_points = 0
         self._spilled = 0  # ops waiting in the spill file, older than those in memory
+        self._spilled_points = 0
         self._read_at = 0  # where in the spill file the next op to send starts
         self._cond = threading.Condition()
         self._busy = False
@@ -248,6 +252,11 @@ class Outbox:
         return self.down_since is None
 
     @property
+    def waiting_points(self) -> int:
+        """Metric points logged but not yet delivered (the server is behind when this grows)."""
+        return self._memory_points + self._spilled_points
+
+    @property
     def pending(self) -> int:
         with self._cond:
             return len(self._memory) + self._spilled + self._busy
@@ -256,6 +265,8 @@ class Outbox:
         with self._cond:
             self._memory.append(op)
             self._memory_points += len(op.metrics)
+            waiting = self._memory_points + self._spilled_points
+            self.delivery.most_waiting = max(self.delivery.most_waiting, waiting)
             if not self._busy:  # an op in flight might come back to the front of memory
                 self._maybe_spill()
             self._cond.notify_all()
@@ -272,11 +283,13 @@ class Outbox:
         return True
 
     def close(self, *, grace: float = 30.0) -> Delivery:
-        """Deliver what is queued: as long as it takes while the server answers, and at most
-        ``grace`` seconds more once it is away. The rest is kept on disk."""
+        """Deliver what is queued: as long as it takes while the server answers; while it is
+        away, wait at most ``grace`` seconds (from now, or from when it went away, whichever is
+        later) for it to come back. The rest is kept on disk."""
+        closing_at = time.monotonic()
         while not self.flush(timeout=1.0):
             down = self.down_since
-            if down is not None and time.monotonic() - down > grace:
+            if down is not None and time.monotonic() - max(down, closing_at) > grace:
                 break
             if not self._thread.is_alive():
                 break
@@ -309,8 +322,10 @@ class Outbox:
                     self._cond.notify_all()
                     continue
                 self._busy = True
+            sent_at = time.perf_counter()
             try:
                 self.delivery.points_sent += self.sender.send(op)
+                self.delivery.requests += 1
             except Exception as exc:
                 if is_transient(exc):
                     if self.down_since is None:
@@ -326,6 +341,7 @@ class Outbox:
                     continue
                 self.delivery.dropped.append(f"{type(exc).__name__}: {_short(exc)}")
                 log.warning("MLflow refused an update of run %s: %s", op.run, _short(exc))
+            self.delivery.sending_s += time.perf_counter() - sent_at
             if self.down_since is not None:
                 self.delivery.outage_s += time.monotonic() - self.down_since
                 self.down_since = None
@@ -335,6 +351,7 @@ class Outbox:
                 if from_file:
                     self._read_at = next_read
                     self._spilled -= op.extra.pop("_merged", 1)
+                    self._spilled_points = max(0, self._spilled_points - len(op.metrics))
                 self._busy = False
                 self._cond.notify_all()
 
@@ -386,6 +403,7 @@ class Outbox:
             for op in self._memory:
                 f.write(self._resolved(op).to_json() + "\n")
         self._spilled += len(self._memory)
+        self._spilled_points += self._memory_points
         self._memory.clear()
         self._memory_points = 0
 
@@ -403,7 +421,7 @@ class Outbox:
         rest += [self._resolved(op).to_json() for op in self._memory]
         kept = len(rest)
         self._memory.clear()
-        self._spilled = self._read_at = self._memory_points = 0
+        self._spilled = self._read_at = self._memory_points = self._spilled_points = 0
         if path is None:
             self.delivery.kept = kept
             self.delivery.outbox = None

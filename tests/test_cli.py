@@ -236,7 +236,14 @@ def test_interrupted_run_leaves_no_running_trial(hpo, tmp_path, signum, code, wo
         process.kill()
         pytest.fail("the study never started training")
     process.send_signal(signum)
-    _, err = process.communicate(timeout=120)
+    try:
+        _, err = process.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        process.send_signal(signal.SIGUSR1)  # every thread's stack, for the failure report
+        time.sleep(2)
+        process.kill()
+        _, err = process.communicate()
+        pytest.fail(f"no exit within 120 s of {signum!r}; stacks:\n{err[-6000:]}")
     assert process.returncode == code, err
     assert word in err and "Traceback" not in err
 

@@ -25,6 +25,8 @@ def test_the_three_seed_experiments_are_shipped():
     ("text", "message"),
     [
         ("colour = 1", "colour: unknown key; allowed keys: name, description, data, model"),
+        ("[search]\npack = 'big'", "search.pack = 'big': must be 'auto' or a whole number of at"),
+        ("[search]\npack = 0", "search.pack = 0: must be 'auto' or a whole number of at least 1"),
         ("[model]\nwidth = 3", "model.width: unknown key; allowed keys: hidden, activation"),
         ("[search.space.lr_base]\nhi = 2", "search.space.lr_base.hi: unknown key"),
         ("[search.space.momentum]\nlow = 0", "search.space.momentum: unknown key"),

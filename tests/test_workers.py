@@ -259,7 +259,8 @@ def test_tracking_server_outages_lose_and_duplicate_nothing(cluster, tmp_path):
     try:
         # 1. the server stops mid-study and comes back: the study does not notice
         cluster.launch(experiment(steps=1500, trials=6, pack=2))
-        worker = cluster.start("w", "worker", cluster.name)
+        # it waits for the server to come back once its trials are done
+        worker = cluster.start("w", "worker", cluster.name, HPO_TRACKING_GRACE="120")
         running_trial(cluster)
         stop_server(server)
         time.sleep(4)  # trials train and start meanwhile

@@ -1,0 +1,124 @@
+"""How many trials to train at once (``--pack auto``): as many as the device's free memory
+holds and its speed rewards, measured by a short probe of steps per second."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from service.training.losses import Loss
+from service.training.network import NetworkShape, parameter_count
+from service.training.trainer import Schedule, TrainingConfig, TrainingData, TrialSpec, _Pack
+
+__all__ = ["PackChoice", "choose_pack_size", "free_memory", "slot_bytes"]
+
+_PROBE_STEPS = 12
+_MEMORY_SHARE = 0.5  # of the free memory: leave room for the rest of the process
+
+
+@dataclass(frozen=True)
+class PackChoice:
+    size: int
+    reason: str
+    rates: dict[int, float]  # trial-steps per second at each probed size
+
+
+def free_memory(device: torch.device) -> int:
+    """Bytes free on ``device`` (CUDA: the driver's count; CPU: the kernel's MemAvailable)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 4 * 2**30  # unknown: assume a small machine
+
+
+def slot_bytes(shape: NetworkShape, config: TrainingConfig, n_val: int) -> int:
+    """Memory one slot needs, roughly: weights, gradients, EMA shadows and the update's
+    temporaries, the activations of a training batch (kept for backward) and of an
+    evaluation over the validation set, and the curve buffers."""
+    params = parameter_count(shape)
+    widths = sum(shape.sizes[1:])
+    state = 5 * params * 4
+    batch = 3 * config.batch_size * widths * 4
+    evaluation = 2 * n_val * widths * 4
+    buffers = min(config.buffer_steps, config.steps) * 12
+    return state + batch + evaluation + buffers
+
+
+def _probe(
+    shape: NetworkShape,
+    loss: Loss,
+    data: TrainingData,
+    config: TrainingConfig,
+    size: int,
+    device: torch.device,
+) -> float:
+    probe = TrainingConfig(
+        steps=config.steps,
+        batch_size=config.batch_size,
+        eval_every=config.eval_every,
+        buffer_steps=_PROBE_STEPS + 4,
+    )
+    pack = _Pack(shape, loss, data, probe, size, device)
+    schedule = Schedule(0.01, 0.9, 100, False, 0.99)
+    for slot in range(size):
+        pack.assign(slot, TrialSpec(slot, schedule, init_seed=0, data_seed=0))
+    pack.sync_slots()
+    for _ in range(3):  # warm-up: allocations, kernels chosen, thread pools started
+        pack.step()
+    pack.drain()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    started = time.perf_counter()
+    for _ in range(_PROBE_STEPS):
+        pack.step()
+    pack.drain()  # waits for the device
+    return size * _PROBE_STEPS / (time.perf_counter() - started)
+
+
+def choose_pack_size(
+    shape: NetworkShape,
+    loss: Loss,
+    data: TrainingData,
+    config: TrainingConfig,
+    device: torch.device,
+    *,
+    trials: int,
+    limit: int = 65_536,
+    budget: float = 2.0,
+) -> PackChoice:
+    """The pack size for ``trials`` trials: sizes 1, 2, 4, … are probed (for about ``budget``
+    seconds in all, within half the free memory, never above ``trials``: a slot without a
+    trial only costs), and the smallest that trains within 10% of the fastest probed rate per
+    trial-step is chosen."""
+    n_val = len(data.x_val)
+    by_memory = max(1, int(free_memory(device) * _MEMORY_SHARE) // slot_bytes(shape, config, n_val))
+    cap = max(1, min(trials, by_memory, limit))
+    started = time.perf_counter()
+    # the first probe also pays for the process's first steps: measure pack 1 twice
+    rates = {1: max(_probe(shape, loss, data, config, 1, device) for _ in range(2))}
+    size = 1
+    while size < cap and time.perf_counter() - started < budget:
+        size = min(size * 2, cap)
+        rates[size] = _probe(shape, loss, data, config, size, device)
+        if rates[size] < 0.7 * max(rates.values()):
+            break  # well past the fastest size
+    fastest = max(rates.values())
+    best = min(k for k, rate in rates.items() if rate >= 0.9 * fastest)
+    if best == cap:
+        bound = {trials: "the trials to run", by_memory: "memory"}.get(cap, "the limit")
+        why = f"capped by {bound}"
+    else:
+        why = f"larger packs were not >10% faster (probed up to {max(rates)})"
+    reason = (
+        f"auto: {rates[best]:,.0f} trial-steps/s at {best} against {rates[1]:,.0f} at 1 "
+        f"({rates[best] / rates[1]:.1f}×); {why}; memory allows {by_memory:,}"
+    )
+    return PackChoice(best, reason, rates)
