@@ -1,6 +1,6 @@
 # The service image: `hpo` (run, worker, serve, db, sync) and `mlflow server`.
 # CPU by default. For NVIDIA GPUs, build with a CUDA build of PyTorch:
-#   docker compose build --build-arg TORCH_INDEX=https://download.pytorch.org/whl/cu128
+#   HPO_TORCH_INDEX=https://download.pytorch.org/whl/cu128 docker compose --profile gpu build
 # (the wheels carry CUDA's runtime; the host needs the NVIDIA driver and container toolkit).
 ARG BASE_IMAGE=python:3.12-slim
 FROM ${BASE_IMAGE}

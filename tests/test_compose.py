@@ -46,7 +46,11 @@ def load_compose() -> dict:
 def test_compose_file_shape():
     compose = load_compose()
     services = compose["services"]
-    assert set(services) == {"postgres", "mlflow", "migrate", "api", "worker"}
+    assert set(services) == {"postgres", "mlflow", "migrate", "api", "worker", "worker-gpu"}
+    gpu = services["worker-gpu"]  # only with `--profile gpu`; it cannot run here
+    assert gpu["profiles"] == ["gpu"] and gpu["extends"] == {"service": "worker"}
+    assert gpu["deploy"]["resources"]["reservations"]["devices"][0]["capabilities"] == ["gpu"]
+    assert gpu["environment"]["HPO_DEVICE"] == "cuda"
     postgres = services["postgres"]
     assert "healthcheck" in postgres
     init = [v for v in postgres["volumes"] if "docker-entrypoint-initdb.d" in v]
