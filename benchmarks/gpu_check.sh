@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
-# GPU check: the machine, the GPU-marked tests, the rest of tests/training, and the pack
-# throughput benchmark (benchmarks/pack_speed.py). Needs only python3 with torch, numpy,
-# scikit-learn, pytest and requests (no Optuna, MLflow, SQLAlchemy or pydantic).
+# GPU check: the machine, the GPU-marked tests, the rest of tests/training, the pack
+# throughput benchmark (benchmarks/pack_speed.py) and, when this project's other packages can
+# be installed from wheels in .whl/ (see the device README), the end-to-end throughput benchmark
+# (benchmarks/throughput.py: baseline, hpo run --pack 1, --pack auto, one MLflow server).
+# Needs python3 with torch, numpy, scikit-learn, pytest and requests.
 #
-#     bash benchmarks/gpu_check.sh            # full run (about 2 minutes on one H100/H200)
+#     bash benchmarks/gpu_check.sh            # full run (about 5 minutes on one H100/H200)
 #     QUICK=1 bash benchmarks/gpu_check.sh    # seconds; also works without a GPU
 #
 # Everything goes to stdout; when $OUT is set, a copy goes to $OUT/gpu_check.log.
@@ -49,6 +51,7 @@ PYTEST=("$PY" -m pytest -p no:cacheprovider -o filterwarnings= -q)
 section "GPU tests: pytest -m gpu tests/training"
 "${PYTEST[@]}" -m gpu tests/training || status=1
 
+if [ -z "${ONLY_E2E:-}" ]; then  # ONLY_E2E=1: the GPU tests and the end-to-end benchmark
 section "the other training tests: pytest -m 'not gpu' tests/training"
 "${PYTEST[@]}" -m "not gpu" tests/training || status=1
 
@@ -57,6 +60,18 @@ if [ -n "${QUICK:-}" ]; then
     "$PY" benchmarks/pack_speed.py --quick || status=1
 else
     "$PY" benchmarks/pack_speed.py || status=1
+fi
+fi
+
+if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
+    section "end to end: benchmarks/throughput.py (packages from .whl/)"
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+        --target /tmp/site .whl/*.whl && export PYTHONPATH=$PYTHONPATH:/tmp/site
+    if [ -n "${QUICK:-}" ]; then
+        "$PY" benchmarks/throughput.py --trials 4 --steps 50 || status=1
+    else
+        "$PY" benchmarks/throughput.py --trials ${TRIALS:-24} --steps ${STEPS:-400} || status=1
+    fi
 fi
 
 section "done, exit status $status"

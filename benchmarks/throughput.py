@@ -229,7 +229,7 @@ def main() -> None:
         experiment_path.write_text(text)
         server, url = start_mlflow(root)
         env = {k: v for k, v in os.environ.items() if not k.startswith(("HPO_", "MLFLOW_"))}
-        env["PYTHONPATH"] = str(ROOT)
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
         results: list[Result] = []
 
         def hpo(name: str, pack: str, *, curves: bool) -> Result:
