@@ -59,11 +59,14 @@ PackOpt = Annotated[
 
 
 def _pack(value: str | None) -> int | str | None:
-    if value is None or value == "auto":
-        return value
-    if value.isdigit() and int(value) >= 1:
-        return int(value)
-    raise HPOError(f"--pack {value}: give 'auto' or a whole number of at least 1")
+    from service.experiment import pack_size
+
+    if value is None:
+        return None
+    try:  # a number on the command line arrives as text
+        return pack_size(int(value) if value.isdigit() else value)
+    except ValueError as exc:
+        raise HPOError(f"--pack {value}: {exc}") from None
 
 
 def _settings(**overrides: Any):

@@ -33,6 +33,7 @@ __all__ = [
     "SearchSpace",
     "TrainingSection",
     "load_experiment",
+    "pack_size",
     "parse_experiment",
 ]
 
@@ -274,6 +275,13 @@ class SearchSpace(Section):
         return knobs
 
 
+def pack_size(value: Any) -> int | str:
+    """A pack size, 'auto' or a whole number of at least 1; anything else is a ValueError."""
+    if value == "auto" or (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
+        return value
+    raise ValueError("must be 'auto' or a whole number of at least 1")
+
+
 class SearchSection(Section):
     trials: int = Field(default=20, ge=1)
     sampler: Literal["tpe", "random", "grid"] = "tpe"
@@ -288,10 +296,8 @@ class SearchSection(Section):
 
     @field_validator("pack", mode="before")
     @classmethod
-    def _auto_or_positive(cls, pack: Any) -> Any:
-        if pack == "auto" or (isinstance(pack, int) and not isinstance(pack, bool) and pack >= 1):
-            return pack
-        raise ValueError("must be 'auto' or a whole number of at least 1")
+    def _auto_or_positive(cls, pack: Any) -> int | str:
+        return pack_size(pack)
 
     space: SearchSpace = SearchSpace()
 

@@ -29,7 +29,6 @@ from service.studies import (
     ATTR_EXPERIMENT_NAME,
     ATTR_TARGET,
     best_summary,
-    load_study,
     open_storage,
     open_study_for,
     safe_url,
@@ -253,8 +252,9 @@ class _StudyHooks:
             trial.set_user_attr("seed", seed)
             trial.set_user_attr("device", self.device)
             run_id = self.tracker.start_trial(trial.number, {**asdict(schedule), "seed": seed})
-            if self.tracker.run_id(run_id) is not None:
-                trial.set_user_attr("mlflow_run_id", run_id)
+            created = self.tracker.run_id(run_id)  # None while MLflow is away
+            if created is not None:
+                trial.set_user_attr("mlflow_run_id", created)
         except BaseException as exc:
             reason = f"could not start: {exc}" if isinstance(exc, Exception) else "interrupted"
             frozen = self._fail(trial, run_id, reason, step=0)
@@ -264,8 +264,7 @@ class _StudyHooks:
                 raise StudyError(f"could not start trial {trial.number}: {exc}") from exc
             raise
         self.live[trial.number] = (trial, run_id)
-        started = {"state": "RUNNING", **asdict(schedule), "seed": seed}
-        started |= {"mlflow_run_id": self.tracker.run_id(run_id)}
+        started = {"state": "RUNNING", **asdict(schedule), "seed": seed, "mlflow_run_id": created}
         self._row(trial.number, started | {"device": self.device, "started_at": utcnow()})
         return TrialSpec(key=trial.number, schedule=schedule, init_seed=seed, data_seed=seed)
 
@@ -287,8 +286,9 @@ class _StudyHooks:
     def on_trial_end(self, outcome: TrialOutcome) -> None:
         # The trial stays in ``live`` until Optuna has it, so abort() can still fail it.
         trial, run_id = self.live[outcome.key]
-        if run_id != self.tracker.run_id(run_id) and self.tracker.run_id(run_id) is not None:
-            trial.set_user_attr("mlflow_run_id", self.tracker.run_id(run_id))  # created late
+        created = self.tracker.run_id(run_id)
+        if created is not None and created != run_id:  # created late, while it trained
+            trial.set_user_attr("mlflow_run_id", created)
         value = None
         if outcome.state == "complete":
             value = outcome.metrics["ema_val_loss"]
@@ -447,14 +447,14 @@ def run_study(
     total: int | None = None,
     pack_size: int | str | None = None,
     joining: bool = False,
-    record_target: bool = True,
     on_progress: Callable[[Progress], None] | None = None,
     on_start: Callable[[StudyReport], None] | None = None,
     check_stop: Callable[[], None] | None = None,
 ) -> StudyReport:
-    """Add ``n_trials`` trials (default: the experiment's) to the study, or, with ``total``,
-    take trials until the study holds that many, with any other workers on it; track them in
-    MLflow. Returns once the study has no trial running, in this process or another.
+    """Add ``n_trials`` trials (default: the experiment's) to the study; or, ``joining`` it
+    beside other workers, take trials until it holds ``total`` (default: what its launcher
+    asked for, else its experiment's). Track them in MLflow. Returns once the study has no
+    trial running, in this process or another.
 
     Everything that can be checked is checked before the study is created, so bad input leaves
     nothing behind. Trials that are still training when the run is interrupted end as failed,
@@ -488,16 +488,19 @@ def run_study(
     study = open_study_for(experiment, name=name, storage=storage, joining=joining)
 
     trials = study.get_trials(deepcopy=False)
-    if total is None:
+    if not joining:
         target = claimed(trials) + (n_trials if n_trials is not None else experiment.search.trials)
-    else:
+    elif total is not None:
         target = total
+    else:  # the total its launcher asked for, else its experiment's
+        target = study.user_attrs.get(ATTR_TARGET, experiment.search.trials)
     if experiment.search.sampler == "grid":
         # every trial but a retry takes a point of the grid; a retry redoes its trial's point
-        if total is None and claimed(trials) >= grid_size(knobs):
+        if not joining and claimed(trials) >= grid_size(knobs):
             raise StudyError(f"study {name!r} has tried all {grid_size(knobs)} points of its grid")
         target = min(target, grid_size(knobs))
-    if record_target and target > claimed(trials):  # `--trials 0` only registers the study
+    asked_for = not joining or total is not None
+    if asked_for and target > claimed(trials):  # `--trials 0` only registers the study
         study.set_user_attr(ATTR_TARGET, target)
     waiting = sum(t.state == TrialState.WAITING for t in trials)
     planned = max(0, target - claimed(trials)) + waiting
@@ -631,10 +634,6 @@ def join_study(
             check_stop()
         time.sleep(2.0)
     experiment = parse_experiment(text)
-    record_target = total is not None
-    if total is None:  # the total its launcher asked for, else its experiment's
-        study = load_study(name, open_storage(settings.storage_url))
-        total = study.user_attrs.get(ATTR_TARGET, experiment.search.trials)
     return run_study(
         experiment,
         settings=settings,
@@ -642,7 +641,6 @@ def join_study(
         total=total,
         pack_size=pack_size,
         joining=True,
-        record_target=record_target,
         on_progress=on_progress,
         on_start=on_start,
         check_stop=check_stop,

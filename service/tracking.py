@@ -256,11 +256,6 @@ class Outbox:
         """Metric points logged but not yet delivered (the server is behind when this grows)."""
         return self._memory_points + self._spilled_points
 
-    @property
-    def pending(self) -> int:
-        with self._cond:
-            return len(self._memory) + self._spilled + self._busy
-
     def put(self, op: _Op) -> None:
         with self._cond:
             self._memory.append(op)
@@ -401,24 +396,21 @@ class Outbox:
         self.spill_path.parent.mkdir(parents=True, exist_ok=True)
         with self.spill_path.open("a", encoding="utf-8") as f:
             for op in self._memory:
-                f.write(self._resolved(op).to_json() + "\n")
+                f.write(_resolved_by(self.sender, op).to_json() + "\n")
         self._spilled += len(self._memory)
         self._spilled_points += self._memory_points
         self._memory.clear()
         self._memory_points = 0
 
-    def _resolved(self, op: _Op) -> _Op:
-        return _resolved_by(self.sender, op)
-
     def _keep_undelivered(self) -> None:
         """Leave exactly the undelivered updates in the spill file (none: no file)."""
         path = self.spill_path
-        rest: list[str] = []
+        rest: list[_Op] = []
         if path is not None and self._spilled:
             with path.open("r", encoding="utf-8") as f:
                 f.seek(self._read_at)
-                rest = [self._resolved(_Op.from_json(line)).to_json() for line in f if line.strip()]
-        rest += [self._resolved(op).to_json() for op in self._memory]
+                rest = [_Op.from_json(line) for line in f if line.strip()]
+        rest += self._memory
         kept = len(rest)
         self._memory.clear()
         self._spilled = self._read_at = self._memory_points = self._spilled_points = 0
@@ -429,10 +421,7 @@ class Outbox:
                 self.delivery.dropped.append(f"{kept} update(s) not delivered (no outbox)")
             return
         if kept:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(".tmp")
-            tmp.write_text("".join(line + "\n" for line in rest), encoding="utf-8")
-            tmp.replace(path)
+            _rewrite(path, self.sender, rest)
         else:
             path.unlink(missing_ok=True)
         self.delivery.kept = kept
@@ -476,14 +465,19 @@ def _deliver_file(sender: _Sender, path: Path, total: Delivery) -> None:
             if not is_transient(exc):
                 total.dropped.append(f"{type(exc).__name__}: {_short(exc)}")
                 continue
-            rest = "".join(_resolved_by(sender, x).to_json() + "\n" for x in ops[index:])
-            tmp = path.with_suffix(".tmp")
-            tmp.write_text(rest, encoding="utf-8")
-            tmp.replace(path)
+            _rewrite(path, sender, ops[index:])
             total.kept += len(ops) - index
             total.outbox = path
             return
     path.unlink()
+
+
+def _rewrite(path: Path, sender: _Sender, ops: Iterable[_Op]) -> None:
+    """Replace ``path`` with ``ops`` at once, naming each run by its id where it is known."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(_resolved_by(sender, op).to_json() + "\n" for op in ops), "utf-8")
+    tmp.replace(path)
 
 
 def _lock_path(spill: Path) -> Path:
