@@ -3,8 +3,9 @@
 Three ways run the same experiment (data, model, loss, steps, evaluation cadence, search space,
 TPE seed, median pruner) for the same number of trials, against the same `mlflow server`,
 started here on SQLite: the baseline (an Optuna objective with a plain PyTorch loop —
-`torch.optim.SGD`, `LambdaLR`, an EMA by hand —, optuna-integration's `MLflowCallback`, and
-`mlflow.log_metric` for each step of the curve), `hpo run --pack 1` and `hpo run --pack auto`.
+`torch.optim.SGD`, `LambdaLR`, an EMA by hand —, on the GPU when there is one, as `hpo run`;
+optuna-integration's `MLflowCallback`; `mlflow.log_metric` for each step of the curve),
+`hpo run --pack 1` and `hpo run --pack auto`.
 Each runs as its own command, so each pays its start-up. Then the two `hpo run`s again with the
 curves off (`HPO_LOG_CURVES=false`: training, Optuna and the runs' results only), and the
 server's own ingest rate: the same number of points in batches of 1,000, alone.
@@ -79,8 +80,9 @@ def run_baseline(experiment_path: Path, n_trials: int, tracking_uri: str, storag
     experiment = load_experiment(experiment_path)
     t = experiment.training
     data = load_data(experiment.data, seed=experiment.search.seed).training
-    x, y = torch.tensor(data.x_train), torch.tensor(data.y_train)
-    x_val, y_val = torch.tensor(data.x_val), torch.tensor(data.y_val)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # as hpo's auto
+    x, y = torch.tensor(data.x_train, device=device), torch.tensor(data.y_train, device=device)
+    x_val, y_val = torch.tensor(data.x_val, device=device), torch.tensor(data.y_val, device=device)
     sizes = [x.shape[1], *experiment.model.hidden, int(y.max()) + 1]
     eval_every = t.evaluation_interval
 
@@ -100,14 +102,14 @@ def run_baseline(experiment_path: Path, n_trials: int, tracking_uri: str, storag
         layers: list[torch.nn.Module] = []
         for n_in, n_out in itertools.pairwise(sizes):
             layers += [torch.nn.Linear(n_in, n_out), torch.nn.ReLU()]
-        model = torch.nn.Sequential(*layers[:-1])
+        model = torch.nn.Sequential(*layers[:-1]).to(device)
         shadow = copy.deepcopy(model)
         opt = torch.optim.SGD(model.parameters(), lr=lr_base)
         sched = torch.optim.lr_scheduler.LambdaLR(
             opt,
             lambda g: decay_rate ** (g // decay_steps if staircase else g / decay_steps),
         )
-        table = batch_table(len(x), t.batch_size, t.steps, experiment.search.seed)
+        table = batch_table(len(x), t.batch_size, t.steps, experiment.search.seed).to(device)
         ema_val = math.inf
         for g in range(t.steps):
             rows = table[g]

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 import math
 import time
 import warnings
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Container
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -57,6 +58,8 @@ __all__ = [
 
 # a row write waits this long for a restarting database; longer, and `hpo sync` repairs it
 ROW_RETRY_SECONDS = 5.0
+# a trial that ends waits this long for its MLflow run to be created, while the server answers
+RUN_WAIT_SECONDS = 10.0
 
 log = logging.getLogger(__name__)
 
@@ -128,6 +131,40 @@ def make_loss(experiment: Experiment) -> Loss:
     return Loss(spec.kind, cost=spec.cost or 1.0, profit=spec.profit or 1.0)
 
 
+class _FinishedTrials:
+    """The study as Optuna's pruner reads it: its finished trials, read once and then again
+    only after a trial of this worker ends or ``max_age`` seconds (other workers' trials).
+
+    The pruner reads them at every evaluation of every trial, and Optuna's cache then reads
+    every running trial again from the storage: for a pack of K trials, K² trial reads per
+    round of evaluations, which cost more than training them. Other attributes (direction,
+    ...) are the study's own.
+    """
+
+    def __init__(self, study: optuna.Study, *, max_age: float) -> None:
+        self._study, self._max_age = study, max_age
+        self._trials: list[FrozenTrial] | None = None
+        self._read_at = -math.inf
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._study, name)
+
+    def forget(self) -> None:
+        self._trials = None
+
+    def get_trials(
+        self, deepcopy: bool = True, states: Container[TrialState] | None = None
+    ) -> list[FrozenTrial]:
+        if states is None or any(not s.is_finished() for s in TrialState if s in states):
+            return self._study.get_trials(deepcopy=deepcopy, states=states)
+        if self._trials is None or time.monotonic() - self._read_at > self._max_age:
+            finished = tuple(s for s in TrialState if s.is_finished())
+            self._trials = self._study.get_trials(deepcopy=False, states=finished)
+            self._read_at = time.monotonic()
+        trials = [t for t in self._trials if t.state in states]
+        return copy.deepcopy(trials) if deepcopy else trials
+
+
 class _StudyHooks:
     """Connects the trainer to Optuna (ask, report, prune, tell) and to MLflow (runs, curves).
 
@@ -168,6 +205,9 @@ class _StudyHooks:
         # raises KeyboardInterrupt once a stop was asked for (a signal, handled by the caller)
         self.check_stop = check_stop or (lambda: None)
         self.log_curves = settings.log_curves
+        self.finished = _FinishedTrials(study, max_age=self.poll)
+        self.trial_ids: dict[int, int] = {}  # number -> Optuna's trial id, for on_run_created
+        self.linked: set[int] = set()  # trials whose run on_run_created recorded
 
     # -- the budget ------------------------------------------------------------------------------
     def _claimable(self, trials: list[FrozenTrial]) -> bool:
@@ -243,6 +283,7 @@ class _StudyHooks:
         if trial is None:
             return None
         self.asked += 1
+        self.trial_ids[trial.number] = trial._trial_id
         run_id = None
         try:
             schedule = suggest_schedule(trial, self.knobs)
@@ -251,10 +292,10 @@ class _StudyHooks:
                 seed += trial.number
             trial.set_user_attr("seed", seed)
             trial.set_user_attr("device", self.device)
+            # the row first: the run, created from the outbox's thread, is linked to it
+            started = {"state": "RUNNING", **asdict(schedule), "seed": seed}
+            self._row(trial.number, started | {"device": self.device, "started_at": utcnow()})
             run_id = self.tracker.start_trial(trial.number, {**asdict(schedule), "seed": seed})
-            created = self.tracker.run_id(run_id)  # None while MLflow is away
-            if created is not None:
-                trial.set_user_attr("mlflow_run_id", created)
         except BaseException as exc:
             reason = f"could not start: {exc}" if isinstance(exc, Exception) else "interrupted"
             frozen = self._fail(trial, run_id, reason, step=0)
@@ -264,8 +305,6 @@ class _StudyHooks:
                 raise StudyError(f"could not start trial {trial.number}: {exc}") from exc
             raise
         self.live[trial.number] = (trial, run_id)
-        started = {"state": "RUNNING", **asdict(schedule), "seed": seed, "mlflow_run_id": created}
-        self._row(trial.number, started | {"device": self.device, "started_at": utcnow()})
         return TrialSpec(key=trial.number, schedule=schedule, init_seed=seed, data_seed=seed)
 
     def on_curve(self, key, steps: np.ndarray, train_loss: np.ndarray, lr: np.ndarray) -> None:
@@ -278,7 +317,8 @@ class _StudyHooks:
         trial, run_id = self.live[key]
         self.tracker.log_metrics(run_id, step, metrics)
         trial.report(metrics["ema_val_loss"], step)
-        if trial.should_prune():
+        # Optuna's should_prune(), reading the finished trials through self.finished
+        if self.study.pruner.prune(self.finished, trial._get_latest_trial()):
             raise optuna.TrialPruned(
                 f"pruned at step {step} (ema_val_loss {metrics['ema_val_loss']:.6g})"
             )
@@ -286,8 +326,10 @@ class _StudyHooks:
     def on_trial_end(self, outcome: TrialOutcome) -> None:
         # The trial stays in ``live`` until Optuna has it, so abort() can still fail it.
         trial, run_id = self.live[outcome.key]
-        created = self.tracker.run_id(run_id)
-        if created is not None and created != run_id:  # created late, while it trained
+        self.finished.forget()
+        # the run was queued as the trial started; unless MLflow is away, it exists by now
+        created = self.tracker.run_id(run_id, wait=RUN_WAIT_SECONDS)
+        if created is not None and outcome.key not in self.linked:
             trial.set_user_attr("mlflow_run_id", created)
         value = None
         if outcome.state == "complete":
@@ -353,8 +395,18 @@ class _StudyHooks:
         return frozen
 
     def on_run_created(self, number: int, run_id: str) -> None:
-        """A trial's MLflow run was created late (the server was away when it started); called
-        from the outbox's thread. If this write fails too, `hpo sync` finds the run by its tag."""
+        """A trial's MLflow run was created (by the outbox, from its thread, as the trial
+        trains): record it on the trial while it runs, so that whoever fails the trial can end
+        the run, and on its row. If these writes fail, the run is found by its tag."""
+        trial_id = self.trial_ids.get(number)
+        try:
+            if trial_id is not None:
+                self.storage.set_trial_user_attr(trial_id, "mlflow_run_id", run_id)
+                self.linked.add(number)
+        except optuna.exceptions.UpdateFinishedTrialError:
+            pass  # it ended first (the server was away): the trial's end records the run
+        except Exception as exc:
+            log.warning("could not record the MLflow run of trial %d: %s", number, exc)
         try:
             self.registry.link_run(self.study_id, number, run_id)
         except Exception as exc:
@@ -405,6 +457,7 @@ def study_figures(study: optuna.Study, knobs: dict[str, Knob]) -> list[tuple[str
     import matplotlib
 
     matplotlib.use("Agg")
+    from optuna.importance import PedAnovaImportanceEvaluator
     from optuna.visualization import matplotlib as plots
 
     complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
@@ -417,7 +470,13 @@ def study_figures(study: optuna.Study, knobs: dict[str, Knob]) -> list[tuple[str
     ]
     if len(complete) >= 2 and searched:
         makers.append(
-            ("param_importances", lambda: plots.plot_param_importances(study, params=searched))
+            (
+                "param_importances",
+                # PED-ANOVA: fANOVA's random forest took longer than a small study's training
+                lambda: plots.plot_param_importances(
+                    study, evaluator=PedAnovaImportanceEvaluator(), params=searched
+                ),
+            )
         )
     if shown:
         makers.append(

@@ -3,15 +3,18 @@ shipped in batches from a background thread so the trainer never waits on the ne
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import logging
+import math
 import os
 import threading
 import time
 import uuid
-from collections import deque
-from collections.abc import Callable, Iterable, Mapping
+from collections import Counter, deque
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,6 +30,7 @@ from service.links import is_remote
 
 __all__ = [
     "EXPERIMENT_KIND",
+    "IN_FLIGHT",
     "MAX_BATCH",
     "RUN_STATUS",
     "Delivery",
@@ -40,7 +44,9 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-MAX_BATCH = 1000  # MLflow's limit of metrics per log_batch request
+MAX_BATCH = 1000  # MLflow's limit of metrics (and of all entities) per log_batch request
+MAX_PARAMS, MAX_TAGS = 100, 100  # and of params and tags
+IN_FLIGHT = 4  # requests the outbox keeps in flight at once, each for a different run
 EXPERIMENT_KIND = "custom_model_development"
 # Optuna trial state → MLflow run status
 RUN_STATUS = {"COMPLETE": "FINISHED", "PRUNED": "KILLED", "FAIL": "FAILED"}
@@ -105,6 +111,7 @@ class _Op:
     params: list[Param] = field(default_factory=list)
     tags: list[RunTag] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)
+    queued_at: float = field(default_factory=time.monotonic, compare=False, repr=False)
 
     def to_json(self) -> str:
         return json.dumps(
@@ -121,6 +128,8 @@ class _Op:
     @classmethod
     def from_json(cls, line: str) -> _Op:
         data = json.loads(line)
+        if data["kind"] == "create":  # it may have been tried before it was written
+            data["extra"]["tried"] = True
         return cls(
             data["kind"],
             data["run"],
@@ -166,10 +175,11 @@ class _Sender:
         if run_id is None:
             raise MlflowException(f"the run {op.run} was never created", error_code=INVALID_STATE)
         if op.kind == "batch":
+            first = MAX_BATCH - len(op.params) - len(op.tags)
             self.client.log_batch(
-                run_id, metrics=op.metrics[:MAX_BATCH], params=op.params, tags=op.tags
+                run_id, metrics=op.metrics[:first], params=op.params, tags=op.tags
             )
-            for start in range(MAX_BATCH, len(op.metrics), MAX_BATCH):
+            for start in range(first, len(op.metrics), MAX_BATCH):
                 self.client.log_batch(run_id, metrics=op.metrics[start : start + MAX_BATCH])
             return len(op.metrics)
         if op.kind == "terminate":
@@ -191,8 +201,10 @@ class _Sender:
         return None
 
     def _create(self, op: _Op) -> None:
-        if self.resolve(op.run) or self._find(op.run):
+        # only a create tried before may have made the run (its answer was lost): look it up
+        if self.resolve(op.run) or (op.extra.get("tried") and self._find(op.run)):
             return
+        op.extra["tried"] = True  # kept in the outbox file too, for `hpo sync`
         self.experiment_id = op.extra["experiment_id"]
         run = self.client.create_run(
             op.extra["experiment_id"],
@@ -226,11 +238,15 @@ class Outbox:
         spill_path: Path | None = None,
         spill_after: int = 200_000,
         backoff_max: float = 5.0,
+        linger: float = 1.0,
     ) -> None:
         self.sender = _Sender(client, experiment_id)
+        self.linger = linger
+        self._urgent = 0  # callers waiting for delivery
         self.spill_path, self.spill_after, self.backoff_max = spill_path, spill_after, backoff_max
         self._memory: deque[_Op] = deque()
         self._memory_points = 0
+        self._run_points: Counter[str] = Counter()  # points waiting in memory, by run
         self._spilled = 0  # ops waiting in the spill file, older than those in memory
         self._spilled_points = 0
         self._read_at = 0  # where in the spill file the next op to send starts
@@ -244,6 +260,7 @@ class Outbox:
             spill_path.parent.mkdir(parents=True, exist_ok=True)
             self._lock_file = _lock_path(spill_path).open("a")
             fcntl.flock(self._lock_file, fcntl.LOCK_EX)
+        self._pool = ThreadPoolExecutor(IN_FLIGHT, thread_name_prefix="mlflow-sender")
         self._thread = threading.Thread(target=self._work, name="mlflow-shipper", daemon=True)
         self._thread.start()
 
@@ -260,22 +277,45 @@ class Outbox:
         with self._cond:
             self._memory.append(op)
             self._memory_points += len(op.metrics)
+            self._run_points[op.run] += len(op.metrics)
             waiting = self._memory_points + self._spilled_points
             self.delivery.most_waiting = max(self.delivery.most_waiting, waiting)
             if not self._busy:  # an op in flight might come back to the front of memory
                 self._maybe_spill()
             self._cond.notify_all()
 
+    def wait_for_run(self, ref: str, timeout: float) -> str | None:
+        """The run id behind ``ref`` once its run is created; None after ``timeout`` seconds,
+        or at once while the server is away."""
+        deadline = time.monotonic() + timeout
+        with self._cond, self._hurry():
+            while (run_id := self.sender.resolve(ref)) is None and self.healthy:
+                left = deadline - time.monotonic()
+                if left <= 0 or not self._thread.is_alive():
+                    break
+                self._cond.wait(left)
+        return run_id
+
     def flush(self, timeout: float | None = None) -> bool:
         """Wait until everything queued so far is delivered; False if ``timeout`` passed first."""
         deadline = None if timeout is None else time.monotonic() + timeout
-        with self._cond:
+        with self._cond, self._hurry():
             while self._memory or self._spilled or self._busy:
                 left = None if deadline is None else deadline - time.monotonic()
                 if left is not None and left <= 0:
                     return False
                 self._cond.wait(left)
         return True
+
+    @contextlib.contextmanager
+    def _hurry(self) -> Iterator[None]:
+        """Someone waits for delivery (called holding the condition): no lingering meanwhile."""
+        self._urgent += 1
+        self._cond.notify_all()
+        try:
+            yield
+        finally:
+            self._urgent -= 1
 
     def close(self, *, grace: float = 30.0) -> Delivery:
         """Deliver what is queued: as long as it takes while the server answers; while it is
@@ -292,6 +332,7 @@ class Outbox:
             self._closing = True
             self._cond.notify_all()
         self._thread.join()
+        self._pool.shutdown()
         with self._cond:
             self._keep_undelivered()
         if self._lock_file is not None:
@@ -304,12 +345,12 @@ class Outbox:
         delay = 0.25
         while True:
             with self._cond:
-                while not (self._memory or self._spilled or self._closing):
-                    self._cond.wait()
+                while not self._closing and (wait := self._until_due()) > 0:
+                    self._cond.wait(None if wait == math.inf else wait)
                 if self._closing:
                     return
                 try:
-                    op, from_file, next_read = self._next()
+                    group, from_file, next_read = self._next()
                 except Exception as exc:  # an unreadable spill file: what it held is reported
                     log.error("could not read the MLflow outbox %s: %s", self.spill_path, exc)
                     self.delivery.dropped.append(f"unreadable outbox: {_short(exc)}")
@@ -318,25 +359,32 @@ class Outbox:
                     continue
                 self._busy = True
             sent_at = time.perf_counter()
-            try:
-                self.delivery.points_sent += self.sender.send(op)
-                self.delivery.requests += 1
-            except Exception as exc:
-                if is_transient(exc):
+            outcomes = self._send(group)
+            self.delivery.sending_s += time.perf_counter() - sent_at
+            failed: list[_Op] = []
+            for op, outcome in zip(group, outcomes, strict=True):
+                if isinstance(outcome, int):
+                    self.delivery.points_sent += outcome
+                    self.delivery.requests += 1
+                elif is_transient(outcome):
+                    failed.append(op)
                     if self.down_since is None:
                         self.down_since = time.monotonic()
-                        log.warning("MLflow is unreachable (%s); updates wait", _short(exc))
-                    with self._cond:
-                        self._put_back(op, from_file)
-                        self._busy = False
-                        self._maybe_spill()
-                        self._cond.notify_all()
-                        self._cond.wait(delay)  # woken early by close()
-                    delay = min(delay * 2, self.backoff_max)
-                    continue
-                self.delivery.dropped.append(f"{type(exc).__name__}: {_short(exc)}")
-                log.warning("MLflow refused an update of run %s: %s", op.run, _short(exc))
-            self.delivery.sending_s += time.perf_counter() - sent_at
+                        log.warning("MLflow is unreachable (%s); updates wait", _short(outcome))
+                else:
+                    self.delivery.dropped.append(f"{type(outcome).__name__}: {_short(outcome)}")
+                    log.warning("MLflow refused an update of run %s: %s", op.run, _short(outcome))
+            if failed:
+                with self._cond:
+                    self._put_back(failed, from_file)
+                    self._busy = False
+                    self._maybe_spill()
+                    self._cond.notify_all()
+                    retry_at = time.monotonic() + delay
+                    while not self._closing and (left := retry_at - time.monotonic()) > 0:
+                        self._cond.wait(left)  # new updates wait too; close() ends the wait
+                delay = min(delay * 2, self.backoff_max)
+                continue
             if self.down_since is not None:
                 self.delivery.outage_s += time.monotonic() - self.down_since
                 self.down_since = None
@@ -345,50 +393,110 @@ class Outbox:
             with self._cond:
                 if from_file:
                     self._read_at = next_read
-                    self._spilled -= op.extra.pop("_merged", 1)
-                    self._spilled_points = max(0, self._spilled_points - len(op.metrics))
+                    self._spilled -= group[0].extra.pop("_merged", 1)
+                    self._spilled_points = max(0, self._spilled_points - len(group[0].metrics))
                 self._busy = False
                 self._cond.notify_all()
 
-    def _next(self) -> tuple[_Op, bool, int]:
-        """The oldest op (merged with the points of the same run right behind it)."""
+    def _until_due(self) -> float:
+        """Seconds until the next request is due. Updates wait up to ``linger`` seconds for
+        more of their run to join them, unless a run has a full request waiting or someone
+        waits for delivery: the server's cost is per request more than per point."""
+        if self._spilled or (self._memory and self._urgent):
+            return 0.0
+        if not self._memory:
+            return math.inf
+        if any(points >= MAX_BATCH for points in self._run_points.values()):
+            return 0.0  # a full request is ready
+        return self._memory[0].queued_at + self.linger - time.monotonic()
+
+    def _send(self, group: list[_Op]) -> list[int | Exception]:
+        """Send a group of ops (each for a different run) at once; each op's points, or error."""
+
+        def attempt(op: _Op) -> int | Exception:
+            try:
+                return self.sender.send(op)
+            except Exception as exc:
+                return exc
+
+        if len(group) == 1:
+            return [attempt(group[0])]
+        return list(self._pool.map(attempt, group))
+
+    def _next(self) -> tuple[list[_Op], bool, int]:
+        """The ops to send next: from the spill file, its oldest op (merged with the points of
+        the same run right behind it); from memory, see :meth:`_take`."""
         if self._spilled:
             assert self.spill_path is not None
             with self.spill_path.open("r", encoding="utf-8") as f:
                 f.seek(self._read_at)
                 op = _Op.from_json(f.readline())
                 merged = 1
-                while op.kind == "batch" and len(op.metrics) < MAX_BATCH and merged < self._spilled:
+                while op.kind == "batch" and merged < self._spilled:
                     where = f.tell()
                     nxt = _Op.from_json(f.readline())
-                    if not _mergeable(op, nxt):
+                    if _room(op, nxt) < len(nxt.metrics):
                         f.seek(where)
                         break
-                    op.metrics += nxt.metrics
+                    _merge(op, nxt, len(nxt.metrics))
                     merged += 1
                 op.extra["_merged"] = merged
-                return op, True, f.tell()
-        op = self._memory.popleft()
-        self._memory_points -= len(op.metrics)
-        while op.kind == "batch" and len(op.metrics) < MAX_BATCH and self._memory:
-            if not _mergeable(op, self._memory[0]):
-                break
-            nxt = self._memory.popleft()
-            self._memory_points -= len(nxt.metrics)
-            op = _Op("batch", op.run, op.metrics + nxt.metrics, op.params, op.tags)
-        if len(op.metrics) > MAX_BATCH:  # the rest goes back to the front, in order
-            rest = _Op("batch", op.run, op.metrics[MAX_BATCH:])
-            op.metrics = op.metrics[:MAX_BATCH]
-            self._memory.appendleft(rest)
-            self._memory_points += len(rest.metrics)
-        return op, False, 0
+                return [op], True, f.tell()
+        return self._take(), False, 0
 
-    def _put_back(self, op: _Op, from_file: bool) -> None:
+    def _take(self) -> list[_Op]:
+        """Up to :data:`IN_FLIGHT` ops from memory, each for a different run: the oldest op of
+        the run, merged with that run's points queued behind it, up to :data:`MAX_BATCH`. Only
+        a run's own updates must keep their order, so one run's points are merged across other
+        runs' ops. New runs go first: their trials wait to learn their run ids."""
+        taken: dict[str, _Op] = {}
+        done: set[str] = set()  # runs whose next op waits for the next group
+        for op in self._memory:
+            if op.kind == "create" and len(taken) < IN_FLIGHT and op.run not in taken:
+                taken[op.run] = op
+                done.add(op.run)
+        rest: deque[_Op] = deque()
+        for op in self._memory:
+            if taken.get(op.run) is op:
+                continue
+            first = taken.get(op.run)
+            if op.run in done:
+                rest.append(op)
+            elif first is not None:
+                room = _room(first, op)
+                if room > 0 or (room == 0 and not op.metrics):
+                    _merge(first, op, room)
+                    if len(op.metrics) > room:  # the rest waits, first in its run's line
+                        rest.append(_Op("batch", op.run, op.metrics[room:], queued_at=op.queued_at))
+                        done.add(op.run)
+                else:
+                    done.add(op.run)
+                    rest.append(op)
+            elif len(taken) < IN_FLIGHT:
+                taken[op.run] = _Op(
+                    op.kind, op.run, list(op.metrics), list(op.params), list(op.tags), op.extra
+                )
+                if op.kind != "batch":
+                    done.add(op.run)
+            else:
+                done.add(op.run)
+                rest.append(op)
+        self._memory = rest
+        self._run_points = Counter()
+        for op in rest:
+            self._run_points[op.run] += len(op.metrics)
+        self._memory_points = self._run_points.total()
+        return list(taken.values())
+
+    def _put_back(self, ops: list[_Op], from_file: bool) -> None:
+        """Ops that failed go back to the front, for their runs' later updates to wait behind."""
         if from_file:
-            op.extra.pop("_merged", None)
+            ops[0].extra.pop("_merged", None)
             return  # the file still holds it at the same place
-        self._memory.appendleft(op)
-        self._memory_points += len(op.metrics)
+        for op in reversed(ops):
+            self._memory.appendleft(op)
+            self._memory_points += len(op.metrics)
+            self._run_points[op.run] += len(op.metrics)
 
     def _maybe_spill(self) -> None:
         if self.spill_path is None or self._memory_points <= self.spill_after:
@@ -401,6 +509,7 @@ class Outbox:
         self._spilled_points += self._memory_points
         self._memory.clear()
         self._memory_points = 0
+        self._run_points.clear()
 
     def _keep_undelivered(self) -> None:
         """Leave exactly the undelivered updates in the spill file (none: no file)."""
@@ -414,6 +523,7 @@ class Outbox:
         kept = len(rest)
         self._memory.clear()
         self._spilled = self._read_at = self._memory_points = self._spilled_points = 0
+        self._run_points.clear()
         if path is None:
             self.delivery.kept = kept
             self.delivery.outbox = None
@@ -428,8 +538,22 @@ class Outbox:
         self.delivery.outbox = path if kept else None
 
 
-def _mergeable(op: _Op, nxt: _Op) -> bool:
-    return nxt.kind == "batch" and nxt.run == op.run and not nxt.params and not nxt.tags
+def _room(op: _Op, nxt: _Op) -> int:
+    """How many of ``nxt``'s points fit into ``op``'s request (with all its params and tags);
+    -1 when ``nxt`` cannot join it at all."""
+    if op.kind != "batch" or nxt.kind != "batch" or nxt.run != op.run:
+        return -1
+    params, tags = len(op.params) + len(nxt.params), len(op.tags) + len(nxt.tags)
+    if params > MAX_PARAMS or tags > MAX_TAGS:
+        return -1
+    return min(len(nxt.metrics), MAX_BATCH - len(op.metrics) - params - tags)
+
+
+def _merge(op: _Op, nxt: _Op, points: int) -> None:
+    """Move ``nxt``'s params, tags and first ``points`` points into ``op``."""
+    op.metrics += nxt.metrics[:points]
+    op.params += nxt.params
+    op.tags += nxt.tags
 
 
 def _short(exc: BaseException) -> str:
@@ -624,8 +748,8 @@ class StudyTracker:
 
     # -- trials ----------------------------------------------------------------------------------
     def start_trial(self, number: int, params: Mapping[str, Any]) -> str:
-        """The trial's run: created now when the server answers, else later, once it is back;
-        returns its id, or a ``pending:`` reference until then (see :meth:`run_id`)."""
+        """Queue the trial's run and its params; returns a ``pending:`` reference to it at
+        once, so the trainer never waits for the server (see :meth:`run_id`)."""
         assert self.parent_run_id is not None
         key = uuid.uuid4().hex
         tags = {
@@ -635,31 +759,19 @@ class StudyTracker:
             "hpo.state": "RUNNING",
             "hpo.run_key": key,
         }
-        ref = None
-        if self.outbox.healthy:
-            try:
-                run = self.client.create_run(
-                    self.experiment_id, run_name=f"trial-{number}", tags=tags
-                )
-                ref = run.info.run_id
-            except Exception as exc:
-                if not is_transient(exc):
-                    raise
-                log.warning("MLflow is unreachable (%s); trial %d's run comes later", exc, number)
-        if ref is None:
-            ref = _PENDING + key
-            create = _Op(
-                "create",
-                ref,
-                tags=[RunTag(k, v) for k, v in tags.items()],
-                extra={
-                    "experiment_id": self.experiment_id,
-                    "run_name": f"trial-{number}",
-                    "start_time": _now_ms(),
-                    "number": number,
-                },
-            )
-            self.outbox.put(create)
+        ref = _PENDING + key
+        create = _Op(
+            "create",
+            ref,
+            tags=[RunTag(k, v) for k, v in tags.items()],
+            extra={
+                "experiment_id": self.experiment_id,
+                "run_name": f"trial-{number}",
+                "start_time": _now_ms(),
+                "number": number,
+            },
+        )
+        self.outbox.put(create)
         self.outbox.put(_Op("batch", ref, params=[Param(k, str(v)) for k, v in params.items()]))
         return ref
 
@@ -672,8 +784,11 @@ class StudyTracker:
         )
         return found[0].info.run_id if found else None
 
-    def run_id(self, ref: str) -> str | None:
-        """The MLflow run id behind ``ref`` (None while its run waits to be created)."""
+    def run_id(self, ref: str, *, wait: float = 0.0) -> str | None:
+        """The MLflow run id behind ``ref``: None while its run waits to be created, after
+        waiting up to ``wait`` seconds for that while the server answers."""
+        if wait > 0:
+            return self.outbox.wait_for_run(ref, wait)
         return self.outbox.sender.resolve(ref)
 
     def log_curve(

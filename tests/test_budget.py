@@ -17,16 +17,6 @@ from service.retry import is_transient, retry_transient
 from service.studies import open_storage
 from service.tracking import Outbox, _Op, deliver_outbox
 from service.workers import MAX_RETRIES, claimed, is_retry, requeue, study_lock
-from tests.conftest import fresh_postgres_database
-
-
-@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
-def storage_url(request, tmp_path):
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path / 'optuna.db'}"
-    else:
-        with fresh_postgres_database() as url:
-            yield url
 
 
 def test_requeue_keeps_the_config_and_grid_point_not_the_run(storage_url):

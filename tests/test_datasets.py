@@ -77,6 +77,17 @@ def test_digits_split_is_seeded_and_disjoint():
     assert a.training.x_train.min() >= 0 and a.training.x_train.max() <= 1
 
 
+def test_digits_are_scikit_learns_load_digits():
+    from sklearn.datasets import load_digits
+
+    from service.datasets import _digits
+
+    x, y = _digits()  # read from the file scikit-learn ships, without importing it
+    expected_x, expected_y = load_digits(return_X_y=True)
+    np.testing.assert_array_equal(x, (expected_x / 16.0).astype(np.float32))
+    np.testing.assert_array_equal(y, expected_y)
+
+
 def test_user_csv_file(tmp_path):
     rng = np.random.default_rng(0)
     x = rng.normal(size=(50, 3))

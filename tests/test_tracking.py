@@ -1,6 +1,7 @@
 """The MLflow side against a real `mlflow server`: batching, ordering, experiment and runs."""
 
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -8,7 +9,15 @@ from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
 
 from service.errors import TrackingError
-from service.tracking import MAX_BATCH, Outbox, StudyTracker, _Op, connect, deliver_outbox
+from service.tracking import (
+    IN_FLIGHT,
+    MAX_BATCH,
+    Outbox,
+    StudyTracker,
+    _Op,
+    connect,
+    deliver_outbox,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -65,18 +74,66 @@ def test_points_queued_during_a_request_are_merged_up_to_1000(mlflow_server):
     assert sorted(m.step for m in history) == [*range(3500), 10_000]
 
 
+class SlowClient(RecordingClient):
+    """Each log_batch takes 0.1 s more; counts how many were in flight at once."""
+
+    def __init__(self, uri):
+        super().__init__(uri)
+        self.lock, self.now, self.most = threading.Lock(), 0, 0
+
+    def log_batch(self, run_id, metrics=(), params=(), tags=(), **kwargs):
+        with self.lock:
+            self.now += 1
+            self.most = max(self.most, self.now)
+        try:
+            time.sleep(0.1)
+            return super().log_batch(run_id, metrics=metrics, params=params, tags=tags, **kwargs)
+        finally:
+            with self.lock:
+                self.now -= 1
+
+
+def test_several_runs_are_sent_at_once_each_in_its_own_order(mlflow_server):
+    """A pack's rounds interleave its runs' points; each run's points are merged across the
+    others', several runs' requests are in flight at once, and each run ends after its points."""
+    client = SlowClient(mlflow_server.url)
+    experiment = client.create_experiment("outbox-in-flight")
+    runs = [client.create_run(experiment).info.run_id for _ in range(6)]
+    outbox = Outbox(client)
+    outbox.put(_Op("batch", runs[0], metrics=[Metric("train_loss", -1.0, 0, 10_000)]))
+    for chunk in range(10):  # ten rounds of 80 points for each of six runs
+        for run in runs:
+            steps = range(chunk * 80, (chunk + 1) * 80)
+            outbox.put(_Op("batch", run, metrics=[Metric("train_loss", 0.5, 0, s) for s in steps]))
+    for run in runs:
+        outbox.put(_Op("terminate", run, extra={"status": "FINISHED", "end_time": 1}))
+    delivery = outbox.close()
+    assert delivery.points_sent == 1 + 6 * 800 and delivery.dropped == []
+    assert 2 <= client.most <= IN_FLIGHT
+    assert len(client.batch_sizes) <= 2 + 6  # each run's 800 points in one or two requests
+    for run in runs:
+        calls = [what for what, run_id, _ in client.calls if run_id == run]
+        assert calls[-1] == "set_terminated" and calls.count("set_terminated") == 1
+        history = client.get_metric_history(run, "train_loss")
+        assert sorted(m.step for m in history)[:800] == list(range(800))
+        assert client.get_run(run).info.status == "FINISHED"
+
+
 def test_tracker_layout_and_ordering(mlflow_server):
     client = RecordingClient(mlflow_server.url)
     tracker = StudyTracker(client, "tracker-layout")
     parent = tracker.start_study(
         params={"seed": 0}, experiment_file="e.toml", experiment_text="x=1"
     )
-    run_id = tracker.start_trial(0, {"lr_base": 0.1, "seed": 0})
+    ref = tracker.start_trial(0, {"lr_base": 0.1, "seed": 0})  # queued, not waited for
+    assert ref.startswith("pending:")
     for start in range(0, 2500, 500):
         steps = np.arange(start, start + 500)
-        tracker.log_curve(run_id, steps, np.full(500, 0.5), np.full(500, 0.1))
-    tracker.log_metrics(run_id, 2500, {"ema_val_loss": 0.25})
-    tracker.end_trial(run_id, "COMPLETE", step=2500, objective=0.25)
+        tracker.log_curve(ref, steps, np.full(500, 0.5), np.full(500, 0.1))
+    tracker.log_metrics(ref, 2500, {"ema_val_loss": 0.25})
+    run_id = tracker.run_id(ref, wait=30)
+    assert run_id is not None and run_id == tracker.run_id(ref)
+    tracker.end_trial(ref, "COMPLETE", step=2500, objective=0.25)
     tracker.finish_study(status="FINISHED", best=None, counts={"COMPLETE": 1})
     assert tracker.close().kept == 0
 
