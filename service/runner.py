@@ -44,7 +44,7 @@ from service.training import (
     resolve_device,
     train,
 )
-from service.training.packing import choose_pack_size
+from service.training.packing import SEARCH_ROUNDS, choose_pack_size
 from service.workers import Heartbeat, claimed, requeue, stale_trials, study_lock
 
 __all__ = [
@@ -720,8 +720,8 @@ def _pack_size(
     if wanted != "auto":
         size = max(1, min(int(wanted), planned or 1))
         return size, "as asked" if size == int(wanted) else f"{planned} trial(s) to run"
-    if planned <= 1:
-        return 1, "auto: one trial to run"
+    if planned < 2 * SEARCH_ROUNDS:
+        return 1, f"auto: {planned} trial(s) to run; a pack holds at most a quarter of them"
     choice = choose_pack_size(shape, loss, data.training, config, device, trials=planned)
     return choice.size, choice.reason
 

@@ -12,10 +12,12 @@ from service.training.losses import Loss
 from service.training.network import NetworkShape, parameter_count
 from service.training.trainer import Schedule, TrainingConfig, TrainingData, TrialSpec, _Pack
 
-__all__ = ["PackChoice", "choose_pack_size", "free_memory", "slot_bytes"]
+__all__ = ["SEARCH_ROUNDS", "PackChoice", "choose_pack_size", "free_memory", "slot_bytes"]
 
 _PROBE_STEPS = 12
 _MEMORY_SHARE = 0.5  # of the free memory: leave room for the rest of the process
+# a pack holds at most 1/SEARCH_ROUNDS of the trials to run (see choose_pack_size)
+SEARCH_ROUNDS = 4
 
 
 @dataclass(frozen=True)
@@ -95,12 +97,17 @@ def choose_pack_size(
     budget: float = 2.0,
 ) -> PackChoice:
     """The pack size for ``trials`` trials: sizes 1, 2, 4, … are probed (for about ``budget``
-    seconds in all, within half the free memory, never above ``trials``: a slot without a
-    trial only costs), and the smallest that trains within 10% of the fastest probed rate per
-    trial-step is chosen."""
+    seconds in all, within half the free memory, never above a quarter of ``trials``), and
+    the smallest that trains within 10% of the fastest probed rate per trial-step is chosen.
+
+    A pack's trials are asked before any of them has a result, so a pack of all the trials
+    would be a random search without pruning: the sampler and the pruner learn only from the
+    trials that finished before. With at most a quarter of them at a time, they see at least
+    three packs' worth of results before the last trials are asked."""
     n_val = len(data.x_val)
     by_memory = max(1, int(free_memory(device) * _MEMORY_SHARE) // slot_bytes(shape, config, n_val))
-    cap = max(1, min(trials, by_memory, limit))
+    by_search = max(1, trials // SEARCH_ROUNDS)
+    cap = max(1, min(by_search, by_memory, limit))
     started = time.perf_counter()
     # the first probe also pays for the process's first steps: measure pack 1 twice
     rates = {1: max(_probe(shape, loss, data, config, 1, device) for _ in range(2))}
@@ -113,7 +120,10 @@ def choose_pack_size(
     fastest = max(rates.values())
     best = min(k for k, rate in rates.items() if rate >= 0.9 * fastest)
     if best == cap:
-        bound = {trials: "the trials to run", by_memory: "memory"}.get(cap, "the limit")
+        bound = {
+            by_search: f"the search (a quarter of the {trials:,} trials to run)",
+            by_memory: "memory",
+        }.get(cap, "the limit")
         why = f"capped by {bound}"
     else:
         why = f"larger packs were not >10% faster (probed up to {max(rates)})"

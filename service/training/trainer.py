@@ -204,8 +204,10 @@ class _Pack:
         self.global_step = torch.zeros(capacity, dtype=torch.long, **to)
         self.active = torch.zeros(capacity, dtype=torch.bool, **to)
 
+        # Host mirrors of the slots, as arrays: per-step host work must not grow with K
         self.slots: list[TrialSpec | None] = [None] * capacity
-        self.steps_done = [0] * capacity  # host mirror of global_step
+        self.occupied = np.zeros(capacity, dtype=bool)
+        self.steps_done = np.zeros(capacity, dtype=np.int64)  # global_step, on the host
         buffer = min(config.buffer_steps, config.steps)
         self.loss_buffer = torch.zeros(capacity, buffer, **to)
         self.lr_buffer = torch.zeros(capacity, buffer, dtype=torch.float64, **to)
@@ -225,7 +227,12 @@ class _Pack:
         for name in self.knobs_host:
             self.knobs_host[name][slot] = getattr(spec.schedule, name)
         self.slots[slot] = spec
+        self.occupied[slot] = True
         self.steps_done[slot] = 0
+
+    def free(self, slot: int) -> None:
+        self.slots[slot] = None
+        self.occupied[slot] = False
 
     def sync_slots(self) -> None:
         """Copy the slots' knobs, step counters, active flags and batch tables to the device."""
@@ -233,8 +240,7 @@ class _Pack:
         self.knobs = {
             name: torch.as_tensor(values, **to) for name, values in self.knobs_host.items()
         }
-        active = [spec is not None for spec in self.slots]
-        self.active = torch.as_tensor(active, **to)
+        self.active = torch.as_tensor(self.occupied, **to)
         self.global_step = torch.as_tensor(self.steps_done, dtype=torch.long, **to)
 
         seeds = sorted({spec.data_seed for spec in self.slots if spec is not None})
@@ -278,9 +284,20 @@ class _Pack:
         self.lr_buffer[:, self.buffered] = lr
         self.buffered += 1
         self.global_step = g + self.active
-        for slot, spec in enumerate(self.slots):
-            if spec is not None:
-                self.steps_done[slot] += 1
+        self.steps_done += self.occupied
+
+    def steps_to_report(self) -> int:
+        """Steps until some trial is due for an evaluation, or the buffer is full: nothing
+        reaches the host before then, so the host only queues steps."""
+        c, done = self.config, self.steps_done[self.occupied]
+        to_evaluation = np.minimum(c.eval_every - done % c.eval_every, c.steps - done)
+        return int(min(to_evaluation.min(), self.loss_buffer.shape[1] - self.buffered))
+
+    def due(self) -> list[int]:
+        """The slots whose trial is due for an evaluation now."""
+        c, done = self.config, self.steps_done
+        hit = self.occupied & ((done % c.eval_every == 0) | (done == c.steps))
+        return np.flatnonzero(hit).tolist()
 
     # -- reading results -----------------------------------------------------------------
     def drain(self) -> tuple[np.ndarray, np.ndarray]:
@@ -323,24 +340,13 @@ def train(
         pack.assign(slot, spec)
     pack.sync_slots()
 
-    while any(spec is not None for spec in pack.slots):
-        pack.step()
-        due = [
-            slot
-            for slot, spec in enumerate(pack.slots)
-            if spec is not None
-            and (
-                pack.steps_done[slot] % config.eval_every == 0
-                or pack.steps_done[slot] == config.steps
-            )
-        ]
-        if not due and pack.buffered < pack.loss_buffer.shape[1]:
-            continue
-
-        ended = _report(pack, hooks, due, config)
+    while pack.occupied.any():
+        for _ in range(pack.steps_to_report()):
+            pack.step()
+        ended = _report(pack, hooks, pack.due(), config)
         for slot in ended:
             next_spec = hooks.next_trial()
-            pack.slots[slot] = None
+            pack.free(slot)
             if next_spec is not None:
                 pack.assign(slot, next_spec)
         if ended:
@@ -356,7 +362,7 @@ def _report(pack: _Pack, hooks: PackHooks, due: Sequence[int], config: TrainingC
     for slot, spec in enumerate(pack.slots):
         if spec is None:
             continue
-        last = pack.steps_done[slot]
+        last = int(pack.steps_done[slot])
         steps = np.arange(last - n, last)
         slot_losses, slot_lrs = losses[slot], lrs[slot]
         finite = np.isfinite(slot_losses)
@@ -379,7 +385,7 @@ def _report(pack: _Pack, hooks: PackHooks, due: Sequence[int], config: TrainingC
         for slot in due:
             spec = pack.slots[slot]
             assert spec is not None
-            step, metrics = pack.steps_done[slot], evaluations[slot]
+            step, metrics = int(pack.steps_done[slot]), evaluations[slot]
             bad = [name for name, value in metrics.items() if not np.isfinite(value)]
             if bad:
                 reason = f"{bad[0]} became {metrics[bad[0]]} at step {step}"
