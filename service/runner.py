@@ -400,8 +400,10 @@ class _StudyHooks:
         the run, and on its row. If these writes fail, the run is found by its tag."""
         trial_id = self.trial_ids.get(number)
         try:
-            if trial_id is not None:
-                self.storage.set_trial_user_attr(trial_id, "mlflow_run_id", run_id)
+            if trial_id is not None:  # without the storage's retries: they would hold the sender
+                optuna.storages.RDBStorage.set_trial_user_attr(
+                    self.storage, trial_id, "mlflow_run_id", run_id
+                )
                 self.linked.add(number)
         except optuna.exceptions.UpdateFinishedTrialError:
             pass  # it ended first (the server was away): the trial's end records the run

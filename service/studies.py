@@ -123,7 +123,7 @@ def open_storage(
         detail = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
         raise StudyError(f"cannot open the Optuna storage {safe_url(url)}: {detail}") from None
     storage.retry_seconds = retry_seconds
-    if url.startswith("sqlite"):
+    if url.startswith("sqlite") and storage.engine.url.database not in (None, "", ":memory:"):
         # Every report of every trial is a commit: with a write-ahead log and fsync at
         # checkpoints only, each costs microseconds instead of a sync of the file (a power cut
         # may lose the last reports; a crashed worker loses nothing).

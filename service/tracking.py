@@ -160,6 +160,7 @@ class _Sender:
     def __init__(self, client: MlflowClient, experiment_id: str | None) -> None:
         self.client, self.experiment_id = client, experiment_id
         self.runs: dict[str, str] = {}  # pending ref -> run id
+        self.refused: set[str] = set()  # pending refs whose create the server refused
         self.on_run_created: Callable[[int, str], None] | None = None
 
     def resolve(self, ref: str) -> str | None:
@@ -169,8 +170,15 @@ class _Sender:
         """Deliver ``op``; returns the points it carried. Safe to repeat: MLflow keeps one
         copy of a point sent twice, and a late run is looked up by its key before it is made."""
         if op.kind == "create":
-            self._create(op)
+            try:
+                self._create(op)
+            except Exception as exc:
+                if not is_transient(exc):
+                    self.refused.add(op.run)
+                raise
             return 0
+        if op.run in self.refused:
+            raise MlflowException(f"the run {op.run} was refused", error_code=INVALID_STATE)
         run_id = self.resolve(op.run) or self._find(op.run)
         if run_id is None:
             raise MlflowException(f"the run {op.run} was never created", error_code=INVALID_STATE)
@@ -201,21 +209,23 @@ class _Sender:
         return None
 
     def _create(self, op: _Op) -> None:
-        # only a create tried before may have made the run (its answer was lost): look it up
-        if self.resolve(op.run) or (op.extra.get("tried") and self._find(op.run)):
+        if self.resolve(op.run):
             return
-        op.extra["tried"] = True  # kept in the outbox file too, for `hpo sync`
-        self.experiment_id = op.extra["experiment_id"]
-        run = self.client.create_run(
-            op.extra["experiment_id"],
-            start_time=op.extra["start_time"],
-            tags={t.key: t.value for t in op.tags},
-            run_name=op.extra["run_name"],
-        )
-        self.runs[op.run] = run.info.run_id
+        # only a create tried before may have made the run (its answer was lost): look it up
+        run_id = self._find(op.run) if op.extra.get("tried") else None
+        if run_id is None:
+            op.extra["tried"] = True  # kept in the outbox file too, for `hpo sync`
+            self.experiment_id = op.extra["experiment_id"]
+            run_id = self.client.create_run(
+                op.extra["experiment_id"],
+                start_time=op.extra["start_time"],
+                tags={t.key: t.value for t in op.tags},
+                run_name=op.extra["run_name"],
+            ).info.run_id
+            self.runs[op.run] = run_id
         if self.on_run_created is not None:
             try:
-                self.on_run_created(op.extra["number"], run.info.run_id)
+                self.on_run_created(op.extra["number"], run_id)
             except Exception as exc:  # a row to repair later, not a reason to stop sending
                 log.warning("could not record the late MLflow run: %s", exc)
 
@@ -290,6 +300,8 @@ class Outbox:
         deadline = time.monotonic() + timeout
         with self._cond, self._hurry():
             while (run_id := self.sender.resolve(ref)) is None and self.healthy:
+                if ref in self.sender.refused:
+                    break
                 left = deadline - time.monotonic()
                 if left <= 0 or not self._thread.is_alive():
                     break
@@ -426,6 +438,10 @@ class Outbox:
     def _next(self) -> tuple[list[_Op], bool, int]:
         """The ops to send next: from the spill file, its oldest op (merged with the points of
         the same run right behind it); from memory, see :meth:`_take`."""
+        if self._spilled and self._has_creates():
+            # a create in memory came after the last spill: its run has nothing in the file,
+            # and its trial waits for it (a backlog on disk can take long)
+            return self._take(creates_only=True), False, 0
         if self._spilled:
             assert self.spill_path is not None
             with self.spill_path.open("r", encoding="utf-8") as f:
@@ -444,7 +460,10 @@ class Outbox:
                 return [op], True, f.tell()
         return self._take(), False, 0
 
-    def _take(self) -> list[_Op]:
+    def _has_creates(self) -> bool:
+        return any(op.kind == "create" for op in self._memory)
+
+    def _take(self, *, creates_only: bool = False) -> list[_Op]:
         """Up to :data:`IN_FLIGHT` ops from memory, each for a different run: the oldest op of
         the run, merged with that run's points queued behind it, up to :data:`MAX_BATCH`. Only
         a run's own updates must keep their order, so one run's points are merged across other
@@ -458,6 +477,9 @@ class Outbox:
         rest: deque[_Op] = deque()
         for op in self._memory:
             if taken.get(op.run) is op:
+                continue
+            if creates_only:
+                rest.append(op)
                 continue
             first = taken.get(op.run)
             if op.run in done:

@@ -51,3 +51,11 @@ def test_pruning_decisions_match_should_prune_and_see_other_workers(storage_url)
     assert len(fresh.get_trials(states=(TrialState.COMPLETE,))) == 4
     running = fresh.get_trials(states=(TrialState.RUNNING,))  # not finished: never cached
     assert [t.number for t in running] == [trial.number]
+
+
+def test_an_in_memory_sqlite_storage_keeps_its_study():
+    """WAL mode is for files; an in-memory database must not be thrown away to set it."""
+    storage = open_storage("sqlite:///:memory:")
+    study = optuna.create_study(study_name="memory", storage=storage)
+    study.tell(study.ask(), 1.0)
+    assert optuna.load_study(study_name="memory", storage=storage).best_value == 1.0

@@ -35,6 +35,10 @@ class RecordingClient(MlflowClient):
         self.threads.add(threading.current_thread().name)
         return super().log_batch(run_id, metrics=metrics, params=params, tags=tags, **kwargs)
 
+    def search_runs(self, *args, **kwargs):
+        self.calls.append(("search_runs", "", 0))
+        return super().search_runs(*args, **kwargs)
+
     def set_terminated(self, run_id, status=None, end_time=None):
         self.calls.append(("set_terminated", run_id, 0))
         return super().set_terminated(run_id, status, end_time)
@@ -190,3 +194,21 @@ def test_updates_wait_for_a_dead_server_on_disk_and_sync_delivers_them_once(
 def test_unreachable_server_is_one_clear_error():
     with pytest.raises(TrackingError, match="cannot reach the MLflow tracking server"):
         connect("http://127.0.0.1:9")
+
+
+def test_a_refused_run_is_reported_at_once_and_its_updates_dropped(mlflow_server):
+    """A create the server refuses (here: an experiment that does not exist) is not waited
+    for: the trial learns at once that it has no run, and the run's updates are dropped."""
+    client = RecordingClient(mlflow_server.url)
+    outbox = Outbox(client)
+    ref = "pending:refused"
+    create = _Op("create", ref, extra={"experiment_id": "987654321", "run_name": "trial-0"})
+    create.extra |= {"start_time": 0, "number": 0}
+    outbox.put(create)
+    outbox.put(_Op("batch", ref, metrics=[Metric("train_loss", 1.0, 0, 0)]))
+    started = time.monotonic()
+    assert outbox.wait_for_run(ref, timeout=30) is None
+    assert time.monotonic() - started < 20
+    delivery = outbox.close()
+    assert len(delivery.dropped) == 2 and delivery.points_sent == 0
+    assert client.calls == []  # no log_batch for it, and no search for its run either

@@ -120,10 +120,10 @@ def choose_pack_size(
     fastest = max(rates.values())
     best = min(k for k, rate in rates.items() if rate >= 0.9 * fastest)
     if best == cap:
-        bound = {
-            by_search: f"the search (a quarter of the {trials:,} trials to run)",
-            by_memory: "memory",
-        }.get(cap, "the limit")
+        if cap == by_search:
+            bound = f"the search (a quarter of the {trials:,} trials to run)"
+        else:
+            bound = "memory" if cap == by_memory else "the limit"
         why = f"capped by {bound}"
     else:
         why = f"larger packs were not >10% faster (probed up to {max(rates)})"

@@ -240,8 +240,9 @@ class _Pack:
         self.knobs = {
             name: torch.as_tensor(values, **to) for name, values in self.knobs_host.items()
         }
-        self.active = torch.as_tensor(self.occupied, **to)
-        self.global_step = torch.as_tensor(self.steps_done, dtype=torch.long, **to)
+        # copies: on the CPU, as_tensor would share memory with the host arrays
+        self.active = torch.tensor(self.occupied, **to)
+        self.global_step = torch.tensor(self.steps_done, dtype=torch.long, **to)
 
         seeds = sorted({spec.data_seed for spec in self.slots if spec is not None})
         if seeds and seeds != sorted(self._tables):
