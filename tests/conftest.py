@@ -92,24 +92,29 @@ def fresh_postgres_database() -> Iterator[str]:
         admin.dispose()
 
 
-@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
+BACKENDS = ["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)]
+
+
+def empty_database(backend: str, sqlite_file: Path) -> Iterator[str]:
+    """The URL of an empty database on ``backend``: ``sqlite_file``, or a fresh PostgreSQL
+    database dropped afterwards."""
+    if backend == "sqlite":
+        yield f"sqlite:///{sqlite_file}"
+    else:
+        with fresh_postgres_database() as url:
+            yield url
+
+
+@pytest.fixture(params=BACKENDS)
 def service_db_url(request, tmp_path) -> Iterator[str]:
     """An empty database for the service's schema, on each backend."""
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path / 'service.db'}"
-    else:
-        with fresh_postgres_database() as url:
-            yield url
+    yield from empty_database(request.param, tmp_path / "service.db")
 
 
-@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
+@pytest.fixture(params=BACKENDS)
 def storage_url(request, tmp_path) -> Iterator[str]:
     """An empty database for an Optuna storage, on each backend."""
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path / 'optuna.db'}"
-    else:
-        with fresh_postgres_database() as url:
-            yield url
+    yield from empty_database(request.param, tmp_path / "optuna.db")
 
 
 @pytest.fixture
