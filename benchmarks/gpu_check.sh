@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# GPU check: the machine, the GPU-marked tests, the rest of tests/training, the pack
-# throughput benchmark (benchmarks/pack_speed.py) and, when this project's other packages can
-# be installed from wheels in .whl/ (see the device README), the end-to-end throughput benchmark
-# (benchmarks/throughput.py: baseline, hpo run --pack 1, --pack auto, one MLflow server).
+# GPU check: the machine, the GPU-marked tests, the rest of tests/training and, when this
+# project's other packages can be installed from wheels in .whl/ (see the device README), the
+# pack throughput benchmark with and without the CUDA graph (benchmarks/pack_speed.py) and the
+# end-to-end throughput benchmark (benchmarks/throughput.py: baseline, hpo run --pack 1,
+# --pack auto, one MLflow server).
 # Needs python3 with torch, numpy, scikit-learn, pytest and requests.
 #
 #     bash benchmarks/gpu_check.sh            # full run (about 5 minutes on one H100/H200)
@@ -41,6 +42,17 @@ if torch.cuda.is_available():
           f"{p.multi_processor_count} SMs, capability {p.major}.{p.minor}")
 EOF
 
+if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
+    section "this project's other packages, from .whl/"
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+        --target /tmp/site .whl/*.whl && export PYTHONPATH=$PYTHONPATH:/tmp/site && echo ok
+    E2E=1
+else
+    echo "no wheels in .whl/: pack_speed.py (it loads digits through service.datasets, which"
+    echo "needs pydantic) and the end-to-end benchmark are skipped"
+    E2E=
+fi
+
 section "imports the test suite needs (tests/conftest.py)"
 "$PY" -c "import requests, service.mlflow_server, service.training; print('ok: requests', requests.__version__)" || status=1
 
@@ -55,18 +67,18 @@ if [ -z "${ONLY_E2E:-}" ]; then  # ONLY_E2E=1: the GPU tests and the end-to-end 
 section "the other training tests: pytest -m 'not gpu' tests/training"
 "${PYTEST[@]}" -m "not gpu" tests/training || status=1
 
-section "pack throughput: benchmarks/pack_speed.py"
+if [ -n "$E2E" ]; then
+section "pack throughput, with and without the CUDA graph: benchmarks/pack_speed.py"
 if [ -n "${QUICK:-}" ]; then
     "$PY" benchmarks/pack_speed.py --quick || status=1
 else
     "$PY" benchmarks/pack_speed.py || status=1
 fi
 fi
+fi
 
-if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
+if [ -n "$E2E" ]; then
     section "end to end: benchmarks/throughput.py (packages from .whl/)"
-    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-        --target /tmp/site .whl/*.whl && export PYTHONPATH=$PYTHONPATH:/tmp/site
     if [ -n "${QUICK:-}" ]; then
         "$PY" benchmarks/throughput.py --trials 4 --steps 50 || status=1
     else

@@ -1,8 +1,8 @@
 """Training-only throughput of a pack: trials per minute against the pack size, CPU and CUDA.
 
 No Optuna, no MLflow, no database: ``service.training.train`` alone (torch and numpy), on the
-digits data set (scikit-learn's ``load_digits``, pixels / 16, a seeded 80/20 split as
-``service.datasets`` makes it) with a 64-[64]-10 ReLU MLP and softmax cross-entropy. Every trial
+digits data set (scikit-learn's ``load_digits``, pixels / 16, the seeded 80/20 split of
+``service.datasets``) with a 64-[64]-10 ReLU MLP and softmax cross-entropy. Every trial
 gets its own schedule, drawn from the search space of DESIGN.md §3 (lr_base log 1e-4…1,
 decay_rate 0.8…1, decay_steps log 1…steps, staircase, ema_decay with 1 - d log 1e-4…0.1); the
 trials share ``init_seed`` and ``data_seed`` as a study's trials do by default.
@@ -10,7 +10,9 @@ trials share ``init_seed`` and ``data_seed`` as a study's trials do by default.
 Each pack size K trains ``max(K * rounds, min_trials)`` trials through ``train(..., pack_size=K)``
 (so slots are refilled at least once when ``rounds`` >= 2), after a short warm-up run of the same
 K; on CUDA the timed region is bracketed by ``torch.cuda.synchronize()`` and the peak of
-``torch.cuda.max_memory_allocated`` is reported. Ratios are over pack 1 on the same device.
+``torch.cuda.max_memory_allocated`` is reported, and each pack size runs twice: with the step
+replayed as a CUDA graph (the default) and kernel by kernel (``cuda_graph=False``). Ratios are
+over pack 1 on the same device, with the same setting.
 
     python benchmarks/pack_speed.py                 # CUDA sweep (if there is a GPU) + CPU reference
     python benchmarks/pack_speed.py --quick         # seconds, for a check on a laptop
@@ -44,16 +46,12 @@ from service.training import (  # noqa: E402
 )
 
 
-def digits(seed: int = 0, validation_fraction: float = 0.2) -> TrainingData:
-    """Digits as ``service.datasets.load_data`` splits it (without importing its pydantic)."""
-    from sklearn.datasets import load_digits
+def digits(seed: int = 0) -> TrainingData:
+    """Digits as a study loads them (``data.source = "digits"``, the default split)."""
+    from service.datasets import load_data
+    from service.experiment import DataSection
 
-    x, y = load_digits(return_X_y=True)
-    x, y = (x / 16.0).astype(np.float32), y.astype(np.int64)
-    order = np.random.default_rng(seed).permutation(len(x))
-    n_val = max(1, round(len(x) * validation_fraction))
-    val, tr = order[:n_val], order[n_val:]
-    return TrainingData(x[tr], y[tr], x[val], y[val], num_classes=10)
+    return load_data(DataSection(source="digits"), seed=seed).training
 
 
 def schedules(n: int, steps: int, seed: int = 0) -> list[Schedule]:
@@ -102,7 +100,9 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def measure(shape, loss, data, config, all_schedules, pack: int, n_trials: int, device, warmup):
+def measure(
+    shape, loss, data, config, all_schedules, pack: int, n_trials: int, device, warmup, graph=True
+):
     specs = [
         TrialSpec(key=i, schedule=all_schedules[i], init_seed=0, data_seed=0)
         for i in range(n_trials)
@@ -112,14 +112,23 @@ def measure(shape, loss, data, config, all_schedules, pack: int, n_trials: int, 
             steps=min(config.steps, 20), batch_size=config.batch_size, eval_every=10
         )
         warm_specs = specs[: min(pack, n_trials)]
-        train(shape, loss, data, short, Counter(warm_specs), pack_size=pack, device=device)
+        train(
+            shape,
+            loss,
+            data,
+            short,
+            Counter(warm_specs),
+            pack_size=pack,
+            device=device,
+            cuda_graph=graph,
+        )
     if device.type == "cuda":
         sync(device)
         torch.cuda.reset_peak_memory_stats(device)
     hooks = Counter(specs)
     sync(device)
     start = time.perf_counter()
-    train(shape, loss, data, config, hooks, pack_size=pack, device=device)
+    train(shape, loss, data, config, hooks, pack_size=pack, device=device, cuda_graph=graph)
     sync(device)
     seconds = time.perf_counter() - start
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
@@ -148,12 +157,21 @@ def sweep(name, device, packs, args, shape, loss, data, config, all_schedules, b
             )
             continue
         n = max(pack * args.rounds, args.min_trials)
-        r = measure(shape, loss, data, config, all_schedules, pack, n, device, not args.no_warmup)
+        warm = not args.no_warmup
+        r = measure(shape, loss, data, config, all_schedules, pack, n, device, warm)
+        if device.type == "cuda":  # the same trials again, kernel by kernel
+            eager = measure(
+                shape, loss, data, config, all_schedules, pack, n, device, warm, graph=False
+            )
+            r["eager_per_min"] = eager["per_min"]
         rows.append(r)
         peak = "" if r["peak_mib"] is None else f", peak {r['peak_mib']:.1f} MiB"
+        eager = ""
+        if "eager_per_min" in r:
+            eager = f" (without the CUDA graph {r['eager_per_min']:11.1f})"
         print(
             f"  [{name}] pack {pack:>5}: {n:>6} trials in {r['seconds']:8.2f}s = "
-            f"{r['per_min']:11.1f} trials/min{peak}  states={r['states']}",
+            f"{r['per_min']:11.1f} trials/min{eager}{peak}  states={r['states']}",
             flush=True,
         )
     return rows
@@ -162,16 +180,19 @@ def sweep(name, device, packs, args, shape, loss, data, config, all_schedules, b
 def table(name, rows) -> list[str]:
     lines = [
         "| device | pack | trials | seconds | trials/min | × pack 1 | trial-steps/s "
-        "| peak GPU MiB |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| peak GPU MiB | trials/min without the CUDA graph | graph × |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     base = next((r["per_min"] for r in rows if r["pack"] == 1), None)
     for r in rows:
         ratio = f"{r['per_min'] / base:.1f}×" if base else "—"
         peak = "—" if r["peak_mib"] is None else f"{r['peak_mib']:.1f}"
+        eager, gain = "—", "—"
+        if "eager_per_min" in r:
+            eager, gain = f"{r['eager_per_min']:.1f}", f"{r['per_min'] / r['eager_per_min']:.2f}×"
         lines.append(
             f"| {name} | {r['pack']} | {r['trials']} | {r['seconds']:.2f} | {r['per_min']:.1f} "
-            f"| {ratio} | {r['trial_steps_per_s']:.0f} | {peak} |"
+            f"| {ratio} | {r['trial_steps_per_s']:.0f} | {peak} | {eager} | {gain} |"
         )
     return lines
 

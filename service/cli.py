@@ -78,7 +78,13 @@ def _settings(**overrides: Any):
         return Settings(**{k: v for k, v in overrides.items() if v is not None})
     except ValidationError as exc:
         first = exc.errors(include_url=False)[0]
-        raise HPOError(f"settings: {first['msg'].removeprefix('Value error, ')}") from None
+        message = first["msg"].removeprefix("Value error, ")
+        field = str(first["loc"][0]) if first["loc"] else ""
+        if not field:
+            raise HPOError(f"settings: {message}") from None
+        name = field if field.isupper() else f"HPO_{field.upper()}"  # as the environment spells it
+        value = "" if "token" in field.lower() else f"={first['input']!r}"  # never echo a secret
+        raise HPOError(f"{name}{value}: {message}") from None
 
 
 class Terminated(KeyboardInterrupt):
@@ -214,9 +220,11 @@ def _train(start: Any, settings: Any) -> None:
 
     def started(report) -> None:
         nonlocal task
+        n = report.cpu_threads
+        threads = "" if report.device.startswith("cuda") else f" ({n} thread{'s' * (n > 1)})"
         console.print(
             f"study [bold]{report.study_name}[/]: up to {report.trials_run} trials here on "
-            f"{report.device}, {report.pack_size} at a time ({report.pack_reason})"
+            f"{report.device}{threads}, {report.pack_size} at a time ({report.pack_reason})"
         )
         bar.start()
         task = bar.add_task(report.study_name, total=report.trials_run or None, best="-", mlflow="")

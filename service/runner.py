@@ -88,6 +88,7 @@ class StudyReport:
     device: str
     pack_size: int
     pack_reason: str
+    cpu_threads: int
     trials_run: int
     counts: dict[str, int] = field(default_factory=dict)
     best: dict[str, Any] | None = None
@@ -527,6 +528,7 @@ def run_study(
         device = resolve_device(settings.device)
     except ValueError as exc:
         raise HPOError(f"--device: {exc}") from None
+    torch.set_num_threads(settings.training_threads)
     data = load_data(experiment.data, seed=experiment.search.seed)
     shape = network_shape(experiment, data)
     loss = make_loss(experiment)
@@ -566,7 +568,14 @@ def run_study(
     waiting = sum(t.state == TrialState.WAITING for t in trials)
     planned = max(0, target - claimed(trials)) + waiting
     pack, pack_reason = _pack_size(
-        pack_size or experiment.search.pack, shape, loss, data, config, device, planned
+        pack_size or experiment.search.pack,
+        shape,
+        loss,
+        data,
+        config,
+        device,
+        planned,
+        cuda_graph=settings.cuda_graphs,
     )
 
     tracker = StudyTracker(
@@ -609,6 +618,7 @@ def run_study(
         device=str(device),
         pack_size=pack,
         pack_reason=pack_reason,
+        cpu_threads=torch.get_num_threads(),
         trials_run=planned,
     )
     if on_start is not None:
@@ -630,7 +640,16 @@ def run_study(
     tracker.on_run_created = hooks.on_run_created
     try:
         while True:
-            train(shape, loss, data.training, config, hooks, pack_size=pack, device=device)
+            train(
+                shape,
+                loss,
+                data.training,
+                config,
+                hooks,
+                pack_size=pack,
+                device=device,
+                cuda_graph=settings.cuda_graphs,
+            )
             if not hooks.wait_for_others():
                 break
     except BaseException as exc:
@@ -716,6 +735,8 @@ def _pack_size(
     config: TrainingConfig,
     device: torch.device,
     planned: int,
+    *,
+    cuda_graph: bool,
 ) -> tuple[int, str]:
     """The pack size asked for, or measured on this device (``auto``); never above the trials
     there are to run."""
@@ -724,7 +745,9 @@ def _pack_size(
         return size, "as asked" if size == int(wanted) else f"{planned} trial(s) to run"
     if planned < 2 * SEARCH_ROUNDS:
         return 1, f"auto: {planned} trial(s) to run; a pack holds at most a quarter of them"
-    choice = choose_pack_size(shape, loss, data.training, config, device, trials=planned)
+    choice = choose_pack_size(
+        shape, loss, data.training, config, device, trials=planned, cuda_graph=cuda_graph
+    )
     return choice.size, choice.reason
 
 

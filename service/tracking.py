@@ -257,6 +257,7 @@ class Outbox:
         self._memory: deque[_Op] = deque()
         self._memory_points = 0
         self._run_points: Counter[str] = Counter()  # points waiting in memory, by run
+        self._full = 0  # runs with a full request's worth of points waiting in memory
         self._spilled = 0  # ops waiting in the spill file, older than those in memory
         self._spilled_points = 0
         self._read_at = 0  # where in the spill file the next op to send starts
@@ -285,14 +286,26 @@ class Outbox:
 
     def put(self, op: _Op) -> None:
         with self._cond:
+            # A pack puts an update per trial per evaluation: the sender is woken only when
+            # this one can make a request due sooner (see _until_due), not for each of them.
+            wake = not self._memory  # the oldest op's linger starts
             self._memory.append(op)
-            self._memory_points += len(op.metrics)
-            self._run_points[op.run] += len(op.metrics)
+            wake = self._count(op.run, len(op.metrics)) or wake
             waiting = self._memory_points + self._spilled_points
             self.delivery.most_waiting = max(self.delivery.most_waiting, waiting)
             if not self._busy:  # an op in flight might come back to the front of memory
-                self._maybe_spill()
-            self._cond.notify_all()
+                wake = self._maybe_spill() or wake
+            if wake:
+                self._cond.notify_all()
+
+    def _count(self, run: str, points: int) -> bool:
+        """Count ``points`` more waiting in memory for ``run``; True if its request just filled."""
+        before = self._run_points[run]
+        self._run_points[run] = before + points
+        self._memory_points += points
+        filled = before < MAX_BATCH <= before + points
+        self._full += filled
+        return filled
 
     def wait_for_run(self, ref: str, timeout: float) -> str | None:
         """The run id behind ``ref`` once its run is created; None after ``timeout`` seconds,
@@ -418,7 +431,7 @@ class Outbox:
             return 0.0
         if not self._memory:
             return math.inf
-        if any(points >= MAX_BATCH for points in self._run_points.values()):
+        if self._full:
             return 0.0  # a full request is ready
         return self._memory[0].queued_at + self.linger - time.monotonic()
 
@@ -504,10 +517,10 @@ class Outbox:
                 done.add(op.run)
                 rest.append(op)
         self._memory = rest
-        self._run_points = Counter()
+        self._run_points.clear()
+        self._memory_points = self._full = 0
         for op in rest:
-            self._run_points[op.run] += len(op.metrics)
-        self._memory_points = self._run_points.total()
+            self._count(op.run, len(op.metrics))
         return list(taken.values())
 
     def _put_back(self, ops: list[_Op], from_file: bool) -> None:
@@ -517,12 +530,12 @@ class Outbox:
             return  # the file still holds it at the same place
         for op in reversed(ops):
             self._memory.appendleft(op)
-            self._memory_points += len(op.metrics)
-            self._run_points[op.run] += len(op.metrics)
+            self._count(op.run, len(op.metrics))
 
-    def _maybe_spill(self) -> None:
+    def _maybe_spill(self) -> bool:
+        """Move what waits in memory to the spill file once it holds too many points."""
         if self.spill_path is None or self._memory_points <= self.spill_after:
-            return
+            return False
         self.spill_path.parent.mkdir(parents=True, exist_ok=True)
         with self.spill_path.open("a", encoding="utf-8") as f:
             for op in self._memory:
@@ -530,8 +543,9 @@ class Outbox:
         self._spilled += len(self._memory)
         self._spilled_points += self._memory_points
         self._memory.clear()
-        self._memory_points = 0
+        self._memory_points = self._full = 0
         self._run_points.clear()
+        return True
 
     def _keep_undelivered(self) -> None:
         """Leave exactly the undelivered updates in the spill file (none: no file)."""
@@ -545,6 +559,7 @@ class Outbox:
         kept = len(rest)
         self._memory.clear()
         self._spilled = self._read_at = self._memory_points = self._spilled_points = 0
+        self._full = 0
         self._run_points.clear()
         if path is None:
             self.delivery.kept = kept

@@ -182,6 +182,24 @@ def test_bad_experiment_files_fail_cleanly(hpo, tmp_path, case):
     assert not (hpo.home / "mlflow.db").exists()
 
 
+@pytest.mark.parametrize(
+    ("variable", "value", "expected"),
+    [
+        ("HPO_CPU_THREADS", "0", "HPO_CPU_THREADS='0': Input should be greater than or equal to 1"),
+        ("HPO_HEARTBEAT_INTERVAL", "soon", "HPO_HEARTBEAT_INTERVAL='soon': Input should be a"),
+        ("HPO_API_TOKEN", "  ", "HPO_API_TOKEN: HPO_API_TOKEN is set but empty"),
+    ],
+)
+def test_bad_settings_name_the_variable_and_leave_nothing(
+    hpo, tiny_experiment, variable, value, expected
+):
+    hpo.env[variable] = value
+    result = hpo("run", str(tiny_experiment))
+    assert result.returncode == 2
+    assert expected in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert not (hpo.home / "optuna.db").exists()
+
+
 def test_unreachable_tracking_server_leaves_no_study(hpo, tiny_experiment):
     result = hpo("run", str(tiny_experiment), "--tracking-uri", "http://127.0.0.1:9")
     assert result.returncode != 0
@@ -315,8 +333,10 @@ def test_grid_study_stops_at_the_grid_size(hpo, tmp_path):
         "[search.space.ema_decay]\ngrid = [0.9, 0.99]\n[search]",
     ).replace("seed = 3", 'seed = 3\nsampler = "grid"')
     path = write_experiment(tmp_path, grid)
-    result = hpo("run", str(path), "--trials", "10")
+    hpo.env["HPO_CPU_THREADS"] = "1"
+    result = hpo("run", str(path), "--trials", "10", "--device", "cpu")
     assert result.returncode == 0, result.stderr
+    assert "on cpu (1 thread), 3 at a time" in " ".join(result.stdout.split())  # torch's count
     study = optuna.load_study(study_name="tiny", storage=hpo.storage)
     points = {(t.params["lr_base"], t.params["ema_decay"]) for t in study.trials}
     assert points == {(0.05, 0.9), (0.05, 0.99), (0.2, 0.9), (0.2, 0.99)}

@@ -123,6 +123,27 @@ def test_several_runs_are_sent_at_once_each_in_its_own_order(mlflow_server):
         assert client.get_run(run).info.status == "FINISHED"
 
 
+def test_a_full_request_goes_at_once_and_a_small_one_lingers(mlflow_server):
+    """Updates linger for more of their run, unless a run has a full request waiting."""
+    client = RecordingClient(mlflow_server.url)
+    experiment = client.create_experiment("outbox-linger")
+    full, small = (client.create_run(experiment).info.run_id for _ in range(2))
+    outbox = Outbox(client, linger=60.0)
+    for chunk in range(4):  # the last quarter fills a request
+        steps = range(chunk * 250, (chunk + 1) * 250)
+        outbox.put(_Op("batch", full, metrics=[Metric("train_loss", 0.5, 0, s) for s in steps]))
+    deadline = time.monotonic() + 30
+    while not client.calls and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert client.calls == [("log_batch", full, MAX_BATCH)]
+    outbox.put(_Op("batch", small, metrics=[Metric("train_loss", 0.5, 0, 0)]))
+    time.sleep(0.5)
+    assert len(client.calls) == 1 and outbox.waiting_points == 1  # it lingers
+    assert outbox.flush(timeout=30)
+    assert client.calls[1:] == [("log_batch", small, 1)]
+    outbox.close()
+
+
 def test_tracker_layout_and_ordering(mlflow_server):
     client = RecordingClient(mlflow_server.url)
     tracker = StudyTracker(client, "tracker-layout")

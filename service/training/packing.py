@@ -10,7 +10,14 @@ import torch
 
 from service.training.losses import Loss
 from service.training.network import NetworkShape, parameter_count
-from service.training.trainer import Schedule, TrainingConfig, TrainingData, TrialSpec, _Pack
+from service.training.trainer import (
+    GRAPH_WARMUP,
+    Schedule,
+    TrainingConfig,
+    TrainingData,
+    TrialSpec,
+    _Pack,
+)
 
 __all__ = ["SEARCH_ROUNDS", "PackChoice", "choose_pack_size", "free_memory", "slot_bytes"]
 
@@ -61,19 +68,23 @@ def _probe(
     config: TrainingConfig,
     size: int,
     device: torch.device,
+    *,
+    cuda_graph: bool = True,
 ) -> float:
+    buffer = _PROBE_STEPS + GRAPH_WARMUP + 1
     probe = TrainingConfig(
-        steps=config.steps,
+        steps=max(config.steps, buffer),  # the buffer holds the probe's steps
         batch_size=config.batch_size,
         eval_every=config.eval_every,
-        buffer_steps=_PROBE_STEPS + 4,
+        buffer_steps=buffer,
     )
-    pack = _Pack(shape, loss, data, probe, size, device)
+    pack = _Pack(shape, loss, data, probe, size, device, cuda_graph=cuda_graph)
     schedule = Schedule(0.01, 0.9, 100, False, 0.99)
     for slot in range(size):
         pack.assign(slot, TrialSpec(slot, schedule, init_seed=0, data_seed=0))
     pack.sync_slots()
-    for _ in range(3):  # warm-up: allocations, kernels chosen, thread pools started
+    # warm-up: allocations, kernels chosen, thread pools started; the CUDA graph captured
+    for _ in range(GRAPH_WARMUP + 1):
         pack.step()
     pack.drain()
     if device.type == "cuda":
@@ -95,6 +106,7 @@ def choose_pack_size(
     trials: int,
     limit: int = 65_536,
     budget: float = 2.0,
+    cuda_graph: bool = True,
 ) -> PackChoice:
     """The pack size for ``trials`` trials: sizes 1, 2, 4, … are probed (for about ``budget``
     seconds in all, within half the free memory, never above a quarter of ``trials``), and
@@ -108,13 +120,17 @@ def choose_pack_size(
     by_memory = max(1, int(free_memory(device) * _MEMORY_SHARE) // slot_bytes(shape, config, n_val))
     by_search = max(1, trials // SEARCH_ROUNDS)
     cap = max(1, min(by_search, by_memory, limit))
+
+    def probe(size: int) -> float:
+        return _probe(shape, loss, data, config, size, device, cuda_graph=cuda_graph)
+
     started = time.perf_counter()
     # the first probe also pays for the process's first steps: measure pack 1 twice
-    rates = {1: max(_probe(shape, loss, data, config, 1, device) for _ in range(2))}
+    rates = {1: max(probe(1) for _ in range(2))}
     size = 1
     while size < cap and time.perf_counter() - started < budget:
         size = min(size * 2, cap)
-        rates[size] = _probe(shape, loss, data, config, size, device)
+        rates[size] = probe(size)
         if rates[size] < 0.7 * max(rates.values()):
             break  # well past the fastest size
     fastest = max(rates.values())

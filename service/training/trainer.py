@@ -7,13 +7,16 @@ trial's curves do not depend on what else shares the pack.
 
 The loop reads top to bottom: batch → forward → loss → backward → lr → SGD step → EMA → log.
 Losses stay on the device and reach the host only at logging points (evaluations, or when the
-buffer fills), so on CUDA there is no host sync per step. Progress goes out through a
+buffer fills), so on CUDA there is no host sync per step. On CUDA the step is also captured as
+a CUDA graph (``cuda_graph``, on by default): a step of a small network is dozens of tiny
+kernels, and replaying them as one graph saves their launches. Progress goes out through a
 :class:`PackHooks` object; an exception raised from ``on_evaluation`` (a pruning decision, say)
 stops that trial only.
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
@@ -40,6 +43,10 @@ __all__ = [
 ]
 
 OutcomeState = Literal["complete", "stopped", "diverged"]
+
+# eager steps before a CUDA graph is captured: PyTorch asks for a few on the capture's stream
+# (cuBLAS handles, autograd's and the allocator's lazy set-up must not happen mid-capture)
+GRAPH_WARMUP = 3
 
 
 @dataclass(frozen=True)
@@ -171,9 +178,17 @@ class _Pack:
         config: TrainingConfig,
         capacity: int,
         device: torch.device,
+        *,
+        cuda_graph: bool = False,
     ) -> None:
         self.shape, self.loss, self.config, self.device = shape, loss, config, device
         self.capacity = capacity
+        # Every tensor the step reads or writes is allocated here once and then only written in
+        # place, so that a captured graph's replays see the slots' current contents.
+        self.cuda_graph = cuda_graph and device.type == "cuda"
+        self._graph: torch.cuda.CUDAGraph | None = None
+        self._stream = torch.cuda.Stream(device) if self.cuda_graph else None
+        self._eager_steps = 0
         to = dict(device=device)
         self.x_train = torch.as_tensor(data.x_train, dtype=torch.float32).to(**to)
         self.y_train = loss.targets(data.y_train, shape.outputs).to(**to)
@@ -188,8 +203,12 @@ class _Pack:
         self.params = [torch.zeros(capacity, *p.shape, **to).requires_grad_() for p in template]
         self.shadows = [torch.zeros(capacity, *p.shape, **to) for p in template]
         self._init_cache: dict[int, list[torch.Tensor]] = {}
-        self._tables: dict[int, torch.Tensor] = {}
-        self.tables = torch.zeros(1, config.steps, 1, dtype=torch.long, **to)
+        # One batch table per data seed in use, in rows of ``tables``; a seed's row is reused
+        # in place once no slot uses it, so the tensor changes only when it has to grow.
+        batch = min(config.batch_size, len(data.x_train))
+        self.tables = torch.zeros(1, config.steps, batch, dtype=torch.long, **to)
+        self._table_row: dict[int, int] = {}
+        self._free_rows = [0]
         self.table_of_slot = torch.zeros(capacity, dtype=torch.long, **to)
 
         # Knob vectors: edited on the host when slots change, copied to the device at once.
@@ -200,7 +219,7 @@ class _Pack:
             "staircase": np.zeros(capacity, dtype=bool),
             "ema_decay": np.zeros(capacity),
         }
-        self.knobs: dict[str, torch.Tensor] = {}
+        self.knobs = {name: torch.tensor(v, **to) for name, v in self.knobs_host.items()}
         self.global_step = torch.zeros(capacity, dtype=torch.long, **to)
         self.active = torch.zeros(capacity, dtype=torch.bool, **to)
 
@@ -212,6 +231,7 @@ class _Pack:
         self.loss_buffer = torch.zeros(capacity, buffer, **to)
         self.lr_buffer = torch.zeros(capacity, buffer, dtype=torch.float64, **to)
         self.buffered = 0
+        self.cursor = torch.zeros(1, dtype=torch.long, **to)  # ``buffered``, on the device
 
     # -- slots ---------------------------------------------------------------------------
     def assign(self, slot: int, spec: TrialSpec) -> None:
@@ -236,30 +256,45 @@ class _Pack:
 
     def sync_slots(self) -> None:
         """Copy the slots' knobs, step counters, active flags and batch tables to the device."""
-        to = dict(device=self.device)
-        self.knobs = {
-            name: torch.as_tensor(values, **to) for name, values in self.knobs_host.items()
-        }
-        # copies: on the CPU, as_tensor would share memory with the host arrays
-        self.active = torch.tensor(self.occupied, **to)
-        self.global_step = torch.tensor(self.steps_done, dtype=torch.long, **to)
+        for name, values in self.knobs_host.items():
+            self.knobs[name].copy_(torch.from_numpy(values))
+        self.active.copy_(torch.from_numpy(self.occupied))
+        self.global_step.copy_(torch.from_numpy(self.steps_done))
 
-        seeds = sorted({spec.data_seed for spec in self.slots if spec is not None})
-        if seeds and seeds != sorted(self._tables):
-            c = self.config
-            for seed in set(seeds) - set(self._tables):
-                self._tables[seed] = batch_table(len(self.x_train), c.batch_size, c.steps, seed)
-            self._tables = {seed: self._tables[seed] for seed in seeds}
-            self.tables = torch.stack([self._tables[seed] for seed in seeds]).to(**to)
-        index = {seed: i for i, seed in enumerate(seeds)}
-        self.table_of_slot = torch.as_tensor(
-            [index[spec.data_seed] if spec is not None else 0 for spec in self.slots],
-            dtype=torch.long,
-            **to,
-        )
+        seeds = {spec.data_seed for spec in self.slots if spec is not None}
+        for seed in [seed for seed in self._table_row if seed not in seeds]:
+            self._free_rows.append(self._table_row.pop(seed))
+        new = sorted(seeds - self._table_row.keys())
+        if len(new) > len(self._free_rows):
+            rows = self.tables.shape[0]
+            grown = max(2 * rows, len(self._table_row) + len(new))
+            self.tables = torch.cat(
+                [self.tables, self.tables.new_zeros(grown - rows, *self.tables.shape[1:])]
+            )
+            self._free_rows += range(rows, grown)
+            self._graph = None  # it reads the old tables: captured again at the next step
+        c = self.config
+        for seed in new:
+            row = self._free_rows.pop()
+            self.tables[row].copy_(batch_table(len(self.x_train), c.batch_size, c.steps, seed))
+            self._table_row[seed] = row
+        table_of_slot = [
+            self._table_row[spec.data_seed] if spec is not None else 0 for spec in self.slots
+        ]
+        self.table_of_slot.copy_(torch.tensor(table_of_slot, dtype=torch.long))
 
     # -- one update of every active slot -------------------------------------------------------
     def step(self) -> None:
+        if self._graph is not None:
+            self._graph.replay()
+        elif self.cuda_graph and self._eager_steps >= GRAPH_WARMUP:
+            self._capture()
+        else:
+            self._eager_step()
+        self.buffered += 1
+        self.steps_done += self.occupied
+
+    def _update(self) -> None:
         g, k = self.global_step, self.knobs
         # Idle slots (no trial) compute along with the rest but neither move nor log.
         lr = exponential_decay(
@@ -280,12 +315,42 @@ class _Pack:
             for p, s, grad in zip(self.params, self.shadows, grads, strict=True):
                 p.sub_(step_size * grad)
                 s.mul_(keep).add_(take * p)
+            self.loss_buffer.index_copy_(1, self.cursor, losses.detach().unsqueeze(1))
+            self.lr_buffer.index_copy_(1, self.cursor, lr.unsqueeze(1))
+            self.cursor.add_(1)
+            self.global_step.add_(self.active)
 
-        self.loss_buffer[:, self.buffered] = losses.detach()
-        self.lr_buffer[:, self.buffered] = lr
-        self.buffered += 1
-        self.global_step = g + self.active
-        self.steps_done += self.occupied
+    def _eager_step(self) -> None:
+        if self._stream is None:
+            self._update()
+            return
+        # the warm-up runs on the stream that captures (cuBLAS keeps a handle per stream)
+        current = torch.cuda.current_stream(self.device)
+        self._stream.wait_stream(current)
+        with torch.cuda.stream(self._stream):
+            self._update()
+        current.wait_stream(self._stream)
+        self._eager_steps += 1
+
+    def _capture(self) -> None:
+        """Record one step as a CUDA graph, then replay it for this step and the next ones.
+        Recording runs nothing, so a capture that fails leaves the slots as they were: the
+        pack then trains without a graph."""
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(graph, stream=self._stream):
+                self._update()
+        except Exception as exc:
+            warnings.warn(
+                f"could not capture the training step as a CUDA graph ({exc}); training without it",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            self.cuda_graph = False
+            self._eager_step()
+            return
+        self._graph = graph
+        graph.replay()
 
     def steps_to_report(self) -> int:
         """Steps until some trial is due for an evaluation, or the buffer is full: nothing
@@ -304,6 +369,7 @@ class _Pack:
     def drain(self) -> tuple[np.ndarray, np.ndarray]:
         """The buffered losses and lrs on the host; this is where the host waits for the device."""
         n, self.buffered = self.buffered, 0
+        self.cursor.zero_()
         return self.loss_buffer[:, :n].cpu().numpy(), self.lr_buffer[:, :n].cpu().numpy()
 
     @torch.no_grad()
@@ -330,10 +396,12 @@ def train(
     *,
     pack_size: int = 1,
     device: torch.device | str = "cpu",
+    cuda_graph: bool = True,
 ) -> None:
-    """Train the trials that ``hooks.next_trial()`` hands out, ``pack_size`` at a time."""
+    """Train the trials that ``hooks.next_trial()`` hands out, ``pack_size`` at a time; on
+    CUDA, with the step replayed as a CUDA graph unless ``cuda_graph`` is False."""
     device = torch.device(device)
-    pack = _Pack(shape, loss, data, config, pack_size, device)
+    pack = _Pack(shape, loss, data, config, pack_size, device, cuda_graph=cuda_graph)
     for slot in range(pack_size):
         spec = hooks.next_trial()
         if spec is None:
@@ -456,6 +524,7 @@ def train_trials(
     *,
     pack_size: int | None = None,
     device: torch.device | str = "cpu",
+    cuda_graph: bool = True,
 ) -> list[Curves]:
     """Train ``specs`` (all in one pack by default) and return each trial's curves, in order."""
     collector = _Collector(specs)
@@ -467,5 +536,6 @@ def train_trials(
         collector,
         pack_size=pack_size or len(specs),
         device=device,
+        cuda_graph=cuda_graph,
     )
     return [collector.curves[spec.key] for spec in specs]

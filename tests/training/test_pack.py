@@ -313,6 +313,87 @@ def test_log_every_thins_the_curve():
     assert curve.steps == list(range(0, 40, 5))
 
 
+def _step_tensors(pack) -> dict[str, int]:
+    """Where each tensor the training step reads or writes lives."""
+    named = {f"param{i}": p for i, p in enumerate(pack.params)}
+    named |= {f"shadow{i}": s for i, s in enumerate(pack.shadows)}
+    named |= {f"knob:{name}": t for name, t in pack.knobs.items()}
+    for name in ("global_step", "active", "table_of_slot", "cursor", "loss_buffer", "lr_buffer"):
+        named[name] = getattr(pack, name)
+    return {name: t.data_ptr() for name, t in named.items()}
+
+
+def test_the_step_reads_and_writes_the_same_tensors_through_refills():
+    """A CUDA graph replays the kernels of its capture on the tensors it captured: the pack
+    may change their contents (refilled slots, new knobs, drained buffers), never replace
+    them. The batch tables, a row per data seed in use, are replaced only to grow."""
+    from service.training.trainer import _Pack
+
+    loss, shape, data = CASES["softmax_cross_entropy"]
+    pack = _Pack(shape, loss, data, CONFIG, capacity=2, device=torch.device("cpu"))
+    trials = specs()
+    pack.assign(0, trials[0])
+    pack.assign(1, trials[1])
+    pack.sync_slots()
+    where, tables = _step_tensors(pack), pack.tables
+    for _ in range(5):
+        pack.step()
+    pack.drain()
+    pack.free(1)
+    pack.assign(1, trials[2])
+    pack.sync_slots()
+    pack.step()
+    assert _step_tensors(pack) == where
+    assert pack.tables is tables  # the same data seed: the same tables
+    assert pack.steps_done.tolist() == [6, 1]
+    assert pack.global_step.tolist() == [6, 1]
+    assert pack.knobs["lr_base"].tolist() == [SCHEDULES[0].lr_base, SCHEDULES[2].lr_base]
+    own = TrialSpec(key=9, schedule=SCHEDULES[3], init_seed=1, data_seed=77)
+    pack.free(0)
+    pack.assign(0, own)
+    pack.sync_slots()  # a second seed: a second row
+    assert _step_tensors(pack) == where and pack.tables is not tables
+    tables = pack.tables
+    assert tables.shape[0] == 2
+    for slot, seed in ((0, 78), (1, 79)):  # each replaces a seed no slot uses any more
+        pack.free(slot)
+        pack.assign(slot, TrialSpec(key=seed, schedule=SCHEDULES[0], init_seed=1, data_seed=seed))
+        pack.sync_slots()
+        assert pack.tables is tables
+    rows = pack.table_of_slot.tolist()
+    assert sorted(rows) == [0, 1]
+    for slot, seed in ((0, 78), (1, 79)):
+        expected = batch_table(len(data.x_train), CONFIG.batch_size, CONFIG.steps, seed)
+        assert torch.equal(pack.tables[rows[slot]], expected)
+
+
+def test_curves_are_the_same_with_the_cuda_graph_switch_off():
+    """``cuda_graph`` only changes how the step is launched on CUDA (on the CPU: nothing)."""
+    loss, shape, data = CASES["cross_entropy"]
+    on = train_trials(shape, loss, data, CONFIG, specs(True), pack_size=2)
+    off = train_trials(shape, loss, data, CONFIG, specs(True), pack_size=2, cuda_graph=False)
+    assert [c.train_loss for c in on] == [c.train_loss for c in off]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("seed_per_trial", [False, True])
+def test_cuda_graph_gives_the_curves_of_the_step_launched_kernel_by_kernel(seed_per_trial):
+    """Four trials through two slots (refills; with their own data seeds, new batch tables and
+    a new capture), with the step replayed as a CUDA graph and without it."""
+    loss, shape, data = CASES["softmax_cross_entropy"]
+    trials = specs(seed_per_trial)
+    graph = train_trials(shape, loss, data, CONFIG, trials, pack_size=2, device="cuda")
+    eager = train_trials(
+        shape, loss, data, CONFIG, trials, pack_size=2, device="cuda", cuda_graph=False
+    )
+    for a, b in zip(graph, eager, strict=True):
+        np.testing.assert_allclose(a.train_loss, b.train_loss, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(a.lr, b.lr, rtol=1e-12)
+        assert a.steps == b.steps == list(range(CONFIG.steps))
+        assert a.outcome.metrics == pytest.approx(b.outcome.metrics, rel=1e-5)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_pack_matches_cpu():
@@ -329,19 +410,32 @@ def test_cuda_pack_matches_cpu():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_step_never_waits_for_the_device():
     """Training steps raise if anything in them would make the host wait for the GPU."""
-    from service.training.trainer import _Pack
+    from service.training.trainer import GRAPH_WARMUP, _Pack
 
     loss, shape, data = CASES["softmax_cross_entropy"]
-    pack = _Pack(shape, loss, data, CONFIG, capacity=4, device=torch.device("cuda"))
-    for slot, spec in enumerate(specs()):
-        pack.assign(slot, spec)
-    pack.sync_slots()
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        for _ in range(CONFIG.eval_every):
+    for cuda_graph in (False, True):
+        pack = _Pack(
+            shape,
+            loss,
+            data,
+            CONFIG,
+            capacity=4,
+            device=torch.device("cuda"),
+            cuda_graph=cuda_graph,
+        )
+        for slot, spec in enumerate(specs()):
+            pack.assign(slot, spec)
+        pack.sync_slots()
+        for _ in range(GRAPH_WARMUP + 1):  # with the graph: warm-up and capture (it syncs)
             pack.step()
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
-    losses, _ = pack.drain()
-    assert losses.shape == (4, CONFIG.eval_every)
+        assert (pack._graph is not None) == cuda_graph
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            for _ in range(CONFIG.eval_every - GRAPH_WARMUP - 1):
+                pack.step()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        losses, _ = pack.drain()
+        assert losses.shape == (4, CONFIG.eval_every)
+        assert np.isfinite(losses).all() and (losses[:, 1:] != losses[:, :1]).any()
