@@ -45,8 +45,8 @@ EOF
 if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
     section "this project's other packages, from .whl/"
     "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-        --target /tmp/site .whl/*.whl && export PYTHONPATH=$PYTHONPATH:/tmp/site && echo ok
-    E2E=1
+        --target /tmp/site .whl/*.whl && export PYTHONPATH=$PYTHONPATH:/tmp/site \
+        && E2E=1 && echo ok || { echo "could not install them"; status=1; E2E=; }
 else
     echo "no wheels in .whl/: pack_speed.py (it loads digits through service.datasets, which"
     echo "needs pydantic) and the end-to-end benchmark are skipped"

@@ -84,7 +84,8 @@ def _settings(**overrides: Any):
             raise HPOError(f"settings: {message}") from None
         name = field if field.isupper() else f"HPO_{field.upper()}"  # as the environment spells it
         value = "" if "token" in field.lower() else f"={first['input']!r}"  # never echo a secret
-        raise HPOError(f"{name}{value}: {message}") from None
+        named = f"{name}{value}: " if not message.startswith(name) else ""
+        raise HPOError(f"{named}{message}") from None
 
 
 class Terminated(KeyboardInterrupt):

@@ -528,7 +528,8 @@ def run_study(
         device = resolve_device(settings.device)
     except ValueError as exc:
         raise HPOError(f"--device: {exc}") from None
-    torch.set_num_threads(settings.training_threads)
+    if settings.cpu_threads is not None:
+        torch.set_num_threads(settings.cpu_threads)
     data = load_data(experiment.data, seed=experiment.search.seed)
     shape = network_shape(experiment, data)
     loss = make_loss(experiment)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 from pydantic import AliasChoices, Field, SecretStr, field_validator
@@ -39,8 +38,8 @@ class Settings(BaseSettings):
     cpu_threads: int | None = Field(
         default=None,
         ge=1,
-        description="torch's CPU threads for training (default: half the cores, the rest left "
-        "to the tracking server, the MLflow senders and the databases)",
+        description="torch's CPU threads for training (default: torch's, one per core); fewer "
+        "when an MLflow server or other workers share the cores",
     )
     cuda_graphs: bool = Field(
         default=True,
@@ -80,15 +79,6 @@ class Settings(BaseSettings):
         if token is not None and not token.get_secret_value().strip():
             raise ValueError("HPO_API_TOKEN is set but empty: set a token, or unset it")
         return token
-
-    @property
-    def training_threads(self) -> int:
-        """torch's CPU threads: with every core, a step of a small pack waited on the one
-        that the MLflow server had (3× slower on 2 cores); alone, one thread was as fast."""
-        if self.cpu_threads is not None:
-            return self.cpu_threads
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
-        return max(1, (cores or os.cpu_count() or 1) // 2)
 
     @property
     def grace_period(self) -> int:

@@ -187,7 +187,7 @@ def test_bad_experiment_files_fail_cleanly(hpo, tmp_path, case):
     [
         ("HPO_CPU_THREADS", "0", "HPO_CPU_THREADS='0': Input should be greater than or equal to 1"),
         ("HPO_HEARTBEAT_INTERVAL", "soon", "HPO_HEARTBEAT_INTERVAL='soon': Input should be a"),
-        ("HPO_API_TOKEN", "  ", "HPO_API_TOKEN: HPO_API_TOKEN is set but empty"),
+        ("HPO_API_TOKEN", "  ", "error: HPO_API_TOKEN is set but empty"),
     ],
 )
 def test_bad_settings_name_the_variable_and_leave_nothing(

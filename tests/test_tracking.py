@@ -143,6 +143,14 @@ def test_a_full_request_goes_at_once_and_a_small_one_lingers(mlflow_server):
     assert client.calls[1:] == [("log_batch", small, 1)]
     outbox.close()
 
+    short = Outbox(client, linger=0.2)  # idle, then one update: it goes once it has lingered
+    short.put(_Op("batch", small, metrics=[Metric("train_loss", 0.5, 0, 1)]))
+    deadline = time.monotonic() + 30
+    while len(client.calls) < 3 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert client.calls[2:] == [("log_batch", small, 1)]
+    short.close()
+
 
 def test_tracker_layout_and_ordering(mlflow_server):
     client = RecordingClient(mlflow_server.url)

@@ -47,6 +47,9 @@ OutcomeState = Literal["complete", "stopped", "diverged"]
 # eager steps before a CUDA graph is captured: PyTorch asks for a few on the capture's stream
 # (cuBLAS handles, autograd's and the allocator's lazy set-up must not happen mid-capture)
 GRAPH_WARMUP = 3
+# why a capture failed in this process, if one did: later packs do not try again (a failed
+# capture keeps its memory pool)
+_capture_failures: list[str] = []
 
 
 @dataclass(frozen=True)
@@ -179,13 +182,13 @@ class _Pack:
         capacity: int,
         device: torch.device,
         *,
-        cuda_graph: bool = False,
+        cuda_graph: bool = True,
     ) -> None:
         self.shape, self.loss, self.config, self.device = shape, loss, config, device
         self.capacity = capacity
         # Every tensor the step reads or writes is allocated here once and then only written in
         # place, so that a captured graph's replays see the slots' current contents.
-        self.cuda_graph = cuda_graph and device.type == "cuda"
+        self.cuda_graph = cuda_graph and device.type == "cuda" and not _capture_failures
         self._graph: torch.cuda.CUDAGraph | None = None
         self._stream = torch.cuda.Stream(device) if self.cuda_graph else None
         self._eager_steps = 0
@@ -267,7 +270,7 @@ class _Pack:
         new = sorted(seeds - self._table_row.keys())
         if len(new) > len(self._free_rows):
             rows = self.tables.shape[0]
-            grown = max(2 * rows, len(self._table_row) + len(new))
+            grown = len(self._table_row) + len(new)  # rows never outnumber the slots
             self.tables = torch.cat(
                 [self.tables, self.tables.new_zeros(grown - rows, *self.tables.shape[1:])]
             )
@@ -336,18 +339,24 @@ class _Pack:
         """Record one step as a CUDA graph, then replay it for this step and the next ones.
         Recording runs nothing, so a capture that fails leaves the slots as they were: the
         pack then trains without a graph."""
+        current = torch.cuda.current_stream(self.device)
         graph = torch.cuda.CUDAGraph()
         try:
             with torch.cuda.graph(graph, stream=self._stream):
                 self._update()
         except Exception as exc:
+            # a capture that fails inside exits without restoring the stream it switched to
+            torch.cuda.set_stream(current)
+            cause = exc.__context__ or exc  # the op that broke the capture, if there was one
+            _capture_failures.append(f"{type(cause).__name__}: {cause}")
             warnings.warn(
-                f"could not capture the training step as a CUDA graph ({exc}); training without it",
+                f"could not capture the training step as a CUDA graph ({_capture_failures[-1]}); "
+                "training without it (HPO_CUDA_GRAPHS=false skips the attempt)",
                 RuntimeWarning,
                 stacklevel=2,
             )
-            self.cuda_graph = False
-            self._eager_step()
+            self.cuda_graph, self._stream = False, None
+            self._update()
             return
         self._graph = graph
         graph.replay()
