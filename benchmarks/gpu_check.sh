@@ -4,7 +4,9 @@
 # pack throughput benchmark with and without the CUDA graph (benchmarks/pack_speed.py) and the
 # end-to-end throughput benchmark (benchmarks/throughput.py: baseline, hpo run --pack 1,
 # --pack auto, one MLflow server).
-# Needs python3 with torch, numpy, scikit-learn, pytest and requests.
+# Needs python3 with torch, numpy, scikit-learn, pytest and requests; `bash
+# benchmarks/gpu_wheels.sh`, run where pip can fetch, puts the rest in .whl/ (41 MiB; name .whl
+# in the device call's carry).
 #
 #     bash benchmarks/gpu_check.sh            # full run (about 5 minutes on one H100/H200)
 #     QUICK=1 bash benchmarks/gpu_check.sh    # seconds; also works without a GPU
