@@ -577,6 +577,7 @@ def run_study(
         device,
         planned,
         cuda_graph=settings.cuda_graphs,
+        own_tables=experiment.training.seed_per_trial,
     )
 
     tracker = StudyTracker(
@@ -738,6 +739,7 @@ def _pack_size(
     planned: int,
     *,
     cuda_graph: bool,
+    own_tables: bool,
 ) -> tuple[int, str]:
     """The pack size asked for, or measured on this device (``auto``); never above the trials
     there are to run."""
@@ -747,7 +749,14 @@ def _pack_size(
     if planned < 2 * SEARCH_ROUNDS:
         return 1, f"auto: {planned} trial(s) to run; a pack holds at most a quarter of them"
     choice = choose_pack_size(
-        shape, loss, data.training, config, device, trials=planned, cuda_graph=cuda_graph
+        shape,
+        loss,
+        data.training,
+        config,
+        device,
+        trials=planned,
+        cuda_graph=cuda_graph,
+        own_tables=own_tables,
     )
     return choice.size, choice.reason
 

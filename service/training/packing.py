@@ -48,17 +48,21 @@ def free_memory(device: torch.device) -> int:
     return 4 * 2**30  # unknown: assume a small machine
 
 
-def slot_bytes(shape: NetworkShape, config: TrainingConfig, n_val: int) -> int:
+def slot_bytes(
+    shape: NetworkShape, config: TrainingConfig, n_val: int, *, own_tables: bool = False
+) -> int:
     """Memory one slot needs, roughly: weights, gradients, EMA shadows and the update's
     temporaries, the activations of a training batch (kept for backward) and of an
-    evaluation over the validation set, and the curve buffers."""
+    evaluation over the validation set, and the curve buffers; with ``own_tables`` (each trial
+    its own data seed), its batch table too."""
     params = parameter_count(shape)
     widths = sum(shape.sizes[1:])
     state = 5 * params * 4
     batch = 3 * config.batch_size * widths * 4
     evaluation = 2 * n_val * widths * 4
     buffers = min(config.buffer_steps, config.steps) * 12
-    return state + batch + evaluation + buffers
+    table = config.steps * config.batch_size * 8 if own_tables else 0
+    return state + batch + evaluation + buffers + table
 
 
 def _probe(
@@ -107,6 +111,7 @@ def choose_pack_size(
     limit: int = 65_536,
     budget: float = 2.0,
     cuda_graph: bool = True,
+    own_tables: bool = False,
 ) -> PackChoice:
     """The pack size for ``trials`` trials: sizes 1, 2, 4, … are probed (for about ``budget``
     seconds in all, within half the free memory, never above a quarter of ``trials``), and
@@ -117,7 +122,8 @@ def choose_pack_size(
     trials that finished before. With at most a quarter of them at a time, they see at least
     three packs' worth of results before the last trials are asked."""
     n_val = len(data.x_val)
-    by_memory = max(1, int(free_memory(device) * _MEMORY_SHARE) // slot_bytes(shape, config, n_val))
+    per_slot = slot_bytes(shape, config, n_val, own_tables=own_tables)
+    by_memory = max(1, int(free_memory(device) * _MEMORY_SHARE) // per_slot)
     by_search = max(1, trials // SEARCH_ROUNDS)
     cap = max(1, min(by_search, by_memory, limit))
 

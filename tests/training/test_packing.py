@@ -36,3 +36,6 @@ def test_memory_estimate_is_sane():
     params = 64 * 64 + 64 + 64 * 10 + 10
     assert 5 * params * 4 < per_slot < 10 * 2**20  # more than the weights, far less than 10 MiB
     assert free_memory(torch.device("cpu")) > 100 * 2**20
+    # each trial its own data seed: its own batch table (steps × batch row indices)
+    own = slot_bytes(SHAPE, CONFIG, n_val=400, own_tables=True)
+    assert own - per_slot == CONFIG.steps * CONFIG.batch_size * 8
