@@ -293,10 +293,11 @@ class _StudyHooks:
                 seed += trial.number
             trial.set_user_attr("seed", seed)
             trial.set_user_attr("device", self.device)
+            params = {**asdict(schedule), "seed": seed}
             # the row first: the run, created from the outbox's thread, is linked to it
-            started = {"state": "RUNNING", **asdict(schedule), "seed": seed}
-            self._row(trial.number, started | {"device": self.device, "started_at": utcnow()})
-            run_id = self.tracker.start_trial(trial.number, {**asdict(schedule), "seed": seed})
+            started = {"state": "RUNNING", **params, "device": self.device, "started_at": utcnow()}
+            self._row(trial.number, started)
+            run_id = self.tracker.start_trial(trial.number, params)
         except BaseException as exc:
             reason = f"could not start: {exc}" if isinstance(exc, Exception) else "interrupted"
             frozen = self._fail(trial, run_id, reason, step=0)

@@ -516,12 +516,16 @@ class Outbox:
             else:
                 done.add(op.run)
                 rest.append(op)
-        self._memory = rest
+        self._hold(rest)
+        return list(taken.values())
+
+    def _hold(self, ops: deque[_Op]) -> None:
+        """Make ``ops`` what waits in memory, with its counts."""
+        self._memory = ops
         self._run_points.clear()
         self._memory_points = self._full = 0
-        for op in rest:
+        for op in ops:
             self._count(op.run, len(op.metrics))
-        return list(taken.values())
 
     def _put_back(self, ops: list[_Op], from_file: bool) -> None:
         """Ops that failed go back to the front, for their runs' later updates to wait behind."""
@@ -542,9 +546,7 @@ class Outbox:
                 f.write(_resolved_by(self.sender, op).to_json() + "\n")
         self._spilled += len(self._memory)
         self._spilled_points += self._memory_points
-        self._memory.clear()
-        self._memory_points = self._full = 0
-        self._run_points.clear()
+        self._hold(deque())
         return True
 
     def _keep_undelivered(self) -> None:
@@ -557,10 +559,8 @@ class Outbox:
                 rest = [_Op.from_json(line) for line in f if line.strip()]
         rest += self._memory
         kept = len(rest)
-        self._memory.clear()
-        self._spilled = self._read_at = self._memory_points = self._spilled_points = 0
-        self._full = 0
-        self._run_points.clear()
+        self._hold(deque())
+        self._spilled = self._read_at = self._spilled_points = 0
         if path is None:
             self.delivery.kept = kept
             self.delivery.outbox = None
