@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import optuna
 
 from service.experiment import KNOBS, Knob, SearchSection
-from service.training import Schedule
+
+if TYPE_CHECKING:  # the query commands (best, status, serve) read studies without torch
+    from service.training import Schedule
 
 __all__ = [
     "EMA_COMPLEMENT",
@@ -54,11 +56,15 @@ def _suggest(trial: optuna.Trial, knob: Knob) -> Any:
 
 def suggest_schedule(trial: optuna.Trial, knobs: Mapping[str, Knob]) -> Schedule:
     """Ask the trial for the five knobs (fixed ones are recorded as one-point distributions)."""
+    from service.training import Schedule
+
     return Schedule(**{name: _suggest(trial, knobs[name]) for name in KNOBS})
 
 
 def schedule_from_params(params: Mapping[str, Any]) -> Schedule:
     """The knobs of a finished trial, from its Optuna params."""
+    from service.training import Schedule
+
     return Schedule(
         lr_base=float(params["lr_base"]),
         decay_rate=float(params["decay_rate"]),

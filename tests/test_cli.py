@@ -112,6 +112,18 @@ def test_study_against_mlflow_server(hpo, tmp_path, mlflow_server):
         "params": {name: study.best_trial.params[name] for name in KNOBS},
         "mlflow_run_id": study.best_trial.user_attrs["mlflow_run_id"],
     }
+    # The query commands read Optuna's storage only: neither torch nor MLflow is loaded.
+    for verb in (["best", "tiny", "--json"], ["status"]):
+        traced = subprocess.run(
+            [sys.executable, "-X", "importtime", "-m", "service.cli", *verb],
+            env=hpo.env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert traced.returncode == 0, traced.stderr
+        loaded = {line.rsplit("|", 1)[-1].strip() for line in traced.stderr.splitlines()}
+        assert "optuna" in loaded and not loaded & {"torch", "mlflow"}, verb
 
     # Running it again adds trials to the same study, under the same parent run.
     again = hpo("run", str(experiment_file), "--tracking-uri", mlflow_server.url, "--trials", "2")
