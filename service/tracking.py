@@ -47,6 +47,10 @@ log = logging.getLogger(__name__)
 MAX_BATCH = 1000  # MLflow's limit of metrics (and of all entities) per log_batch request
 MAX_PARAMS, MAX_TAGS = 100, 100  # and of params and tags
 IN_FLIGHT = 4  # requests the outbox keeps in flight at once, each for a different run
+# Most points read back from the spill file at a time: the file interleaves a pack's runs, so a
+# window holds many runs' points, and each run's must fill its requests (64,000 points: about
+# 6 MB; a smaller ``spill_after`` lowers it, down to a full request for each in flight).
+READ_BACK = 16 * IN_FLIGHT * MAX_BATCH
 EXPERIMENT_KIND = "custom_model_development"
 # Optuna trial state → MLflow run status
 RUN_STATUS = {"COMPLETE": "FINISHED", "PRUNED": "KILLED", "FAIL": "FAILED"}
@@ -236,7 +240,8 @@ class Outbox:
     Points of one run that queue up while a request is in flight go out together, at most
     :data:`MAX_BATCH` a request. While the server is away, updates wait and are tried again,
     with backoff, until it is back; beyond ``spill_after`` points they wait on disk, in
-    ``spill_path``. What is still undelivered at :meth:`close` stays in that file, for
+    ``spill_path`` (also while a request hangs), and are read back a window at a time and sent
+    like the rest. What is still undelivered at :meth:`close` stays in that file, for
     ``hpo sync``. A request the server refuses as invalid is reported and dropped.
     """
 
@@ -261,6 +266,10 @@ class Outbox:
         self._spilled = 0  # ops waiting in the spill file, older than those in memory
         self._spilled_points = 0
         self._read_at = 0  # where in the spill file the next op to send starts
+        # Ops older than everything in the spill file and memory: a window read back from the
+        # file, and requests that failed in flight after newer updates were spilled.
+        self._early: deque[_Op] = deque()
+        self._early_points = 0
         self._cond = threading.Condition()
         self._busy = False
         self._closing = False
@@ -282,7 +291,7 @@ class Outbox:
     @property
     def waiting_points(self) -> int:
         """Metric points logged but not yet delivered (the server is behind when this grows)."""
-        return self._memory_points + self._spilled_points
+        return self._memory_points + self._spilled_points + self._early_points
 
     def put(self, op: _Op) -> None:
         with self._cond:
@@ -291,10 +300,10 @@ class Outbox:
             wake = not self._memory  # the oldest op's linger starts
             self._memory.append(op)
             wake = self._count(op.run, len(op.metrics)) or wake
-            waiting = self._memory_points + self._spilled_points
-            self.delivery.most_waiting = max(self.delivery.most_waiting, waiting)
-            if not self._busy:  # an op in flight might come back to the front of memory
-                wake = self._maybe_spill() or wake
+            self.delivery.most_waiting = max(self.delivery.most_waiting, self.waiting_points)
+            # A hung request must not let memory grow: ops in flight that fail come back
+            # ahead of the file (see _put_back), so spilling behind them keeps each run's order.
+            wake = self._maybe_spill() or wake
             if wake:
                 self._cond.notify_all()
 
@@ -325,7 +334,7 @@ class Outbox:
         """Wait until everything queued so far is delivered; False if ``timeout`` passed first."""
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._cond, self._hurry():
-            while self._memory or self._spilled or self._busy:
+            while self._memory or self._spilled or self._early or self._busy:
                 left = None if deadline is None else deadline - time.monotonic()
                 if left is not None and left <= 0:
                     return False
@@ -375,11 +384,11 @@ class Outbox:
                 if self._closing:
                     return
                 try:
-                    group, from_file, next_read = self._next()
+                    group, early = self._next()
                 except Exception as exc:  # an unreadable spill file: what it held is reported
                     log.error("could not read the MLflow outbox %s: %s", self.spill_path, exc)
                     self.delivery.dropped.append(f"unreadable outbox: {_short(exc)}")
-                    self._spilled = self._read_at = 0
+                    self._skip_spilled()
                     self._cond.notify_all()
                     continue
                 self._busy = True
@@ -401,7 +410,7 @@ class Outbox:
                     log.warning("MLflow refused an update of run %s: %s", op.run, _short(outcome))
             if failed:
                 with self._cond:
-                    self._put_back(failed, from_file)
+                    self._put_back(failed, early)
                     self._busy = False
                     self._maybe_spill()
                     self._cond.notify_all()
@@ -416,10 +425,6 @@ class Outbox:
                 log.warning("MLflow is back; delivering the updates that waited")
             delay = 0.25
             with self._cond:
-                if from_file:
-                    self._read_at = next_read
-                    self._spilled -= group[0].extra.pop("_merged", 1)
-                    self._spilled_points = max(0, self._spilled_points - len(group[0].metrics))
                 self._busy = False
                 self._cond.notify_all()
 
@@ -427,7 +432,7 @@ class Outbox:
         """Seconds until the next request is due. Updates wait up to ``linger`` seconds for
         more of their run to join them, unless a run has a full request waiting or someone
         waits for delivery: the server's cost is per request more than per point."""
-        if self._spilled or (self._memory and self._urgent):
+        if self._spilled or self._early or (self._memory and self._urgent):
             return 0.0
         if not self._memory:
             return math.inf
@@ -448,76 +453,53 @@ class Outbox:
             return [attempt(group[0])]
         return list(self._pool.map(attempt, group))
 
-    def _next(self) -> tuple[list[_Op], bool, int]:
-        """The ops to send next: from the spill file, its oldest op (merged with the points of
-        the same run right behind it); from memory, see :meth:`_take`."""
-        if self._spilled and self._has_creates():
+    def _next(self) -> tuple[list[_Op], bool]:
+        """The ops to send next, and whether they came from the early queue (read back from
+        the spill file, or put back there): see :func:`_group`. Each run's updates go in order:
+        the early queue, then the file, then memory."""
+        if (self._spilled or self._early) and self._has_creates():
             # a create in memory came after the last spill: its run has nothing in the file,
             # and its trial waits for it (a backlog on disk can take long)
-            return self._take(creates_only=True), False, 0
-        if self._spilled:
-            assert self.spill_path is not None
-            with self.spill_path.open("r", encoding="utf-8") as f:
-                f.seek(self._read_at)
-                op = _Op.from_json(f.readline())
-                merged = 1
-                while op.kind == "batch" and merged < self._spilled:
-                    where = f.tell()
-                    nxt = _Op.from_json(f.readline())
-                    if _room(op, nxt) < len(nxt.metrics):
-                        f.seek(where)
-                        break
-                    _merge(op, nxt, len(nxt.metrics))
-                    merged += 1
-                op.extra["_merged"] = merged
-                return [op], True, f.tell()
-        return self._take(), False, 0
+            return self._take(creates_only=True), False
+        if not self._early and self._spilled:
+            self._read_back()
+        if self._early:
+            taken, rest = _group(self._early)
+            self._early, self._early_points = rest, sum(len(op.metrics) for op in rest)
+            return taken, True
+        return self._take(), False
+
+    def _read_back(self) -> None:
+        """Move the oldest ops of the spill file, up to about :data:`READ_BACK` points, to the
+        early queue. The file itself is only rewritten at :meth:`close` (or by ``hpo sync``), so a
+        worker killed meanwhile leaves every update on disk; a point sent twice is kept once."""
+        assert self.spill_path is not None
+        ops, points = [], 0
+        window = min(READ_BACK, max(self.spill_after, IN_FLIGHT * MAX_BATCH))
+        with self.spill_path.open("r", encoding="utf-8") as f:
+            f.seek(self._read_at)
+            while len(ops) < self._spilled and points < window:
+                ops.append(_Op.from_json(f.readline()))
+                points += len(ops[-1].metrics)
+            self._read_at = f.tell()
+        self._early.extend(ops)
+        self._early_points += points
+        self._spilled -= len(ops)
+        self._spilled_points = max(0, self._spilled_points - points)
+
+    def _skip_spilled(self) -> None:
+        """Give up on what the spill file holds (it could not be read): later spills go after it."""
+        assert self.spill_path is not None
+        self._read_at = self.spill_path.stat().st_size if self.spill_path.exists() else 0
+        self._spilled = self._spilled_points = 0
 
     def _has_creates(self) -> bool:
         return any(op.kind == "create" for op in self._memory)
 
     def _take(self, *, creates_only: bool = False) -> list[_Op]:
-        """Up to :data:`IN_FLIGHT` ops from memory, each for a different run: the oldest op of
-        the run, merged with that run's points queued behind it, up to :data:`MAX_BATCH`. Only
-        a run's own updates must keep their order, so one run's points are merged across other
-        runs' ops. New runs go first: their trials wait to learn their run ids."""
-        taken: dict[str, _Op] = {}
-        done: set[str] = set()  # runs whose next op waits for the next group
-        for op in self._memory:
-            if op.kind == "create" and len(taken) < IN_FLIGHT and op.run not in taken:
-                taken[op.run] = op
-                done.add(op.run)
-        rest: deque[_Op] = deque()
-        for op in self._memory:
-            if taken.get(op.run) is op:
-                continue
-            if creates_only:
-                rest.append(op)
-                continue
-            first = taken.get(op.run)
-            if op.run in done:
-                rest.append(op)
-            elif first is not None:
-                room = _room(first, op)
-                if room > 0 or (room == 0 and not op.metrics):
-                    _merge(first, op, room)
-                    if len(op.metrics) > room:  # the rest waits, first in its run's line
-                        rest.append(_Op("batch", op.run, op.metrics[room:], queued_at=op.queued_at))
-                        done.add(op.run)
-                else:
-                    done.add(op.run)
-                    rest.append(op)
-            elif len(taken) < IN_FLIGHT:
-                taken[op.run] = _Op(
-                    op.kind, op.run, list(op.metrics), list(op.params), list(op.tags), op.extra
-                )
-                if op.kind != "batch":
-                    done.add(op.run)
-            else:
-                done.add(op.run)
-                rest.append(op)
+        taken, rest = _group(self._memory, creates_only=creates_only)
         self._hold(rest)
-        return list(taken.values())
+        return taken
 
     def _hold(self, ops: deque[_Op]) -> None:
         """Make ``ops`` what waits in memory, with its counts."""
@@ -527,11 +509,14 @@ class Outbox:
         for op in ops:
             self._count(op.run, len(op.metrics))
 
-    def _put_back(self, ops: list[_Op], from_file: bool) -> None:
-        """Ops that failed go back to the front, for their runs' later updates to wait behind."""
-        if from_file:
-            ops[0].extra.pop("_merged", None)
-            return  # the file still holds it at the same place
+    def _put_back(self, ops: list[_Op], early: bool) -> None:
+        """Ops that failed go back to the front, for their runs' later updates to wait behind:
+        of the early queue when they came from it or when later updates were spilled while
+        they were in flight; of memory otherwise."""
+        if early or self._spilled or self._early:
+            self._early.extendleft(reversed(ops))
+            self._early_points += sum(len(op.metrics) for op in ops)
+            return
         for op in reversed(ops):
             self._memory.appendleft(op)
             self._count(op.run, len(op.metrics))
@@ -552,15 +537,16 @@ class Outbox:
     def _keep_undelivered(self) -> None:
         """Leave exactly the undelivered updates in the spill file (none: no file)."""
         path = self.spill_path
-        rest: list[_Op] = []
+        rest: list[_Op] = list(self._early)
         if path is not None and self._spilled:
             with path.open("r", encoding="utf-8") as f:
                 f.seek(self._read_at)
-                rest = [_Op.from_json(line) for line in f if line.strip()]
+                rest += [_Op.from_json(line) for line in f if line.strip()]
         rest += self._memory
         kept = len(rest)
         self._hold(deque())
-        self._spilled = self._read_at = self._spilled_points = 0
+        self._early.clear()
+        self._spilled = self._read_at = self._spilled_points = self._early_points = 0
         if path is None:
             self.delivery.kept = kept
             self.delivery.outbox = None
@@ -573,6 +559,50 @@ class Outbox:
             path.unlink(missing_ok=True)
         self.delivery.kept = kept
         self.delivery.outbox = path if kept else None
+
+
+def _group(ops: Iterable[_Op], *, creates_only: bool = False) -> tuple[list[_Op], deque[_Op]]:
+    """Up to :data:`IN_FLIGHT` ops to send at once, each for a different run, and the ops left
+    waiting. A run's op is its oldest, merged with that run's points queued behind it, up to
+    :data:`MAX_BATCH`: only a run's own updates must keep their order, so one run's points are
+    merged across other runs' ops. New runs go first: their trials wait to learn their run ids."""
+    taken: dict[str, _Op] = {}
+    done: set[str] = set()  # runs whose next op waits for the next group
+    ops = list(ops)
+    for op in ops:
+        if op.kind == "create" and len(taken) < IN_FLIGHT and op.run not in taken:
+            taken[op.run] = op
+            done.add(op.run)
+    rest: deque[_Op] = deque()
+    for op in ops:
+        if taken.get(op.run) is op:
+            continue
+        if creates_only:
+            rest.append(op)
+            continue
+        first = taken.get(op.run)
+        if op.run in done:
+            rest.append(op)
+        elif first is not None:
+            room = _room(first, op)
+            if room > 0 or (room == 0 and not op.metrics):
+                _merge(first, op, room)
+                if len(op.metrics) > room:  # the rest waits, first in its run's line
+                    rest.append(_Op("batch", op.run, op.metrics[room:], queued_at=op.queued_at))
+                    done.add(op.run)
+            else:
+                done.add(op.run)
+                rest.append(op)
+        elif len(taken) < IN_FLIGHT:
+            taken[op.run] = _Op(
+                op.kind, op.run, list(op.metrics), list(op.params), list(op.tags), op.extra
+            )
+            if op.kind != "batch":
+                done.add(op.run)
+        else:
+            done.add(op.run)
+            rest.append(op)
+    return list(taken.values()), rest
 
 
 def _room(op: _Op, nxt: _Op) -> int:

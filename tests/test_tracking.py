@@ -5,6 +5,7 @@ import time
 
 import numpy as np
 import pytest
+import requests
 from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
 
@@ -121,6 +122,54 @@ def test_several_runs_are_sent_at_once_each_in_its_own_order(mlflow_server):
         history = client.get_metric_history(run, "train_loss")
         assert sorted(m.step for m in history)[:800] == list(range(800))
         assert client.get_run(run).info.status == "FINISHED"
+
+
+class HangingClient(SlowClient):
+    """Its first log_batch hangs until ``gate`` is set, then fails as a dropped connection."""
+
+    def __init__(self, uri):
+        super().__init__(uri)
+        self.in_flight, self.gate = threading.Event(), threading.Event()
+
+    def log_batch(self, run_id, metrics=(), params=(), tags=(), **kwargs):
+        if not self.in_flight.is_set():
+            self.in_flight.set()
+            self.gate.wait()
+            raise requests.ConnectionError("connection reset")
+        return super().log_batch(run_id, metrics=metrics, params=params, tags=tags, **kwargs)
+
+
+def test_a_hanging_request_spills_and_the_file_drains_like_memory(mlflow_server, tmp_path):
+    """While a request hangs, memory still spills past ``spill_after``; the request that then
+    fails goes ahead of the file, and the file is read back several runs at a time, merged."""
+    client = HangingClient(mlflow_server.url)
+    experiment = client.create_experiment("outbox-spill-drain")
+    runs = [client.create_run(experiment).info.run_id for _ in range(6)]
+    spill = tmp_path / "outbox" / "s.jsonl"
+    outbox = Outbox(client, spill_path=spill, spill_after=1000, backoff_max=0.05)
+    outbox.put(_Op("batch", runs[0], metrics=[Metric("train_loss", -1.0, 0, 10_000)]))
+    assert client.in_flight.wait(30)
+    for chunk in range(10):  # a pack's rounds: ten of 80 points for each of six runs
+        for run in runs:
+            steps = range(chunk * 80, (chunk + 1) * 80)
+            outbox.put(_Op("batch", run, metrics=[Metric("train_loss", 0.5, 0, s) for s in steps]))
+    for run in runs:
+        outbox.put(_Op("terminate", run, extra={"status": "FINISHED", "end_time": 1}))
+    assert spill.exists(), "memory spills even while a request is in flight"
+    assert outbox.waiting_points == 6 * 800
+    client.gate.set()
+    delivery = outbox.close()
+    assert delivery.points_sent == 1 + 6 * 800 and delivery.dropped == [] and delivery.kept == 0
+    assert not spill.exists()
+    assert client.most >= 2, "the file is sent several runs at a time"
+    # merged, not a request per put: each run's 800 points in at most three requests (the
+    # file is read back 4,000 points at a time here)
+    assert len(client.batch_sizes) <= 1 + 6 * 3
+    for run in runs:
+        calls = [what for what, run_id, _ in client.calls if run_id == run]
+        assert calls[-1] == "set_terminated" and calls.count("set_terminated") == 1
+        steps = sorted(m.step for m in client.get_metric_history(run, "train_loss"))
+        assert steps == [*range(800)] + ([10_000] if run == runs[0] else [])
 
 
 def test_a_full_request_goes_at_once_and_a_small_one_lingers(mlflow_server):
