@@ -10,7 +10,8 @@
 #
 #     bash benchmarks/gpu_check.sh            # full run (about 7-8 minutes on one H100/H200:
 #                                             # the pack sweep ~2, the end-to-end benchmark ~5)
-#     QUICK=1 bash benchmarks/gpu_check.sh    # seconds; also works without a GPU
+#     QUICK=1 bash benchmarks/gpu_check.sh    # seconds; also works without a GPU (the full
+#                                             # run fails at once without one)
 #
 # Everything goes to stdout; when $OUT is set, a copy goes to $OUT/gpu_check.log.
 set -u -o pipefail
@@ -21,6 +22,17 @@ export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH}
 export PYTHONUNBUFFERED=1
 
 section() { printf '\n===== %s =====\n' "$*"; }
+
+# Without a GPU the GPU tests skip and every CUDA figure is missing, yet the run would pass:
+# outside QUICK (a smoke run that also works on a CPU), no GPU is a failure, found before
+# anything else runs.
+if [ -z "${QUICK:-}" ] && ! "$PY" -c 'import sys, torch; sys.exit(not torch.cuda.is_available())'; then
+    msg="gpu_check.sh: torch sees no CUDA GPU here (torch.cuda.is_available() is false);"
+    msg+=" run it on a GPU machine, or QUICK=1 for the CPU smoke run"
+    echo "$msg" >&2
+    if [ -n "${OUT:-}" ]; then mkdir -p "$OUT" && echo "$msg" >"$OUT/gpu_check.log"; fi
+    exit 1
+fi
 
 main() {
 local status=0

@@ -32,6 +32,10 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import optuna
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -189,6 +193,15 @@ def timed(command: list[str], env: dict[str, str]) -> tuple[float, str, int, int
     return elapsed, result.stdout, rss, gpu
 
 
+def best_value(study: optuna.Study) -> float:
+    """The study's best value; nan when no trial completed (all pruned or failed), where
+    Optuna's ``best_value`` raises."""
+    try:
+        return study.best_value
+    except ValueError:
+        return float("nan")
+
+
 def ingest_rate(url: str, points: int) -> float:
     """Points per second the server takes in batches of 1,000 from one client, alone."""
     from mlflow.entities import Metric
@@ -232,6 +245,9 @@ def main() -> None:
         server, url = start_mlflow(root)
         env = {k: v for k, v in os.environ.items() if not k.startswith(("HPO_", "MLFLOW_"))}
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+        # Captured, rich wraps `hpo run`'s lines at 80 columns, which can split what the
+        # regexes below read ("… 12 at a time"): a wide console keeps each on one line.
+        env["COLUMNS"] = "200"
         results: list[Result] = []
 
         def hpo(name: str, pack: str, *, curves: bool) -> Result:
@@ -251,7 +267,7 @@ def main() -> None:
                 float(sending.group(1)) if sending else None,
                 rss,
                 gpu,
-                study.best_value,
+                best_value(study),
                 size.group(1) if size else "?",
             )
 
@@ -263,7 +279,7 @@ def main() -> None:
             ]  # fmt: skip
             seconds, out, rss, gpu = timed(base_cmd, dict(env, HPO_HOME=str(root / "b")))
             logging_s = float(re.search(r"BASELINE_LOGGING_S ([\d.]+)", out).group(1))
-            best = optuna.load_study(study_name="baseline", storage=base_storage).best_value
+            best = best_value(optuna.load_study(study_name="baseline", storage=base_storage))
             results.append(Result("baseline", seconds, logging_s, rss, gpu, best, "1"))
             results.append(hpo("pack-1", "1", curves=True))
             results.append(hpo("pack-auto", "auto", curves=True))

@@ -370,7 +370,8 @@ class Experiment(Section):
 
     def identity(self) -> dict[str, Any]:
         """What makes two files the same experiment: everything but how many trials to add and
-        how many to train at once."""
+        how many to train at once. (``training.log_every`` stays in, as it did when existing
+        studies stored theirs; a study leaves it out when it compares, see service.studies.)"""
         spec = self.model_dump(mode="json")
         spec["search"].pop("trials")
         spec["search"].pop("pack")

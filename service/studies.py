@@ -149,6 +149,18 @@ def _differences(old: Any, new: Any, prefix: str = "") -> list[str]:
     return [] if old == new else [prefix.rstrip(".")]
 
 
+# Settings that change only how a trial's curve is logged, not what it trains: a study resumes
+# under another value. They are left out when comparing, not from Experiment.identity(), so
+# that the fingerprints stored with existing studies, which include them, still match.
+_LOGGING_ONLY = frozenset({"training.log_every"})
+
+
+def _changed(stored: Any, experiment: Experiment) -> list[str]:
+    """The settings in which ``experiment`` differs from the identity a study stored."""
+    found = _differences(stored, experiment.identity())
+    return [key for key in found if key not in _LOGGING_ONLY]
+
+
 def load_study(name: str, storage: optuna.storages.BaseStorage) -> optuna.Study:
     """An existing study, or a :class:`StudyError` that lists the studies there are."""
     try:
@@ -179,15 +191,16 @@ def open_study_for(
             raise StudyError(
                 f"study {name!r} exists but was not created by hpo; choose another --study name"
             )
-        if stored != experiment.fingerprint():
-            changed = _differences(
-                existing.user_attrs.get(ATTR_EXPERIMENT, {}), experiment.identity()
-            )
+        changed = (
+            _changed(existing.user_attrs.get(ATTR_EXPERIMENT, {}), experiment)
+            if stored != experiment.fingerprint()
+            else []
+        )
+        if changed:
             source = existing.user_attrs.get(ATTR_EXPERIMENT_FILE, "another file")
             raise StudyError(
                 f"study {name!r} was created from a different experiment ({source}; differs in "
-                f"{', '.join(changed[:3]) or 'its settings'}); give a new --study name to start "
-                "another study"
+                f"{', '.join(changed[:3])}); give a new --study name to start another study"
             )
         offset = len(existing.trials)
         if joining or any(t.state == TrialState.RUNNING for t in existing.trials):

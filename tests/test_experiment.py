@@ -2,10 +2,12 @@
 
 from pathlib import Path
 
+import optuna
 import pytest
 
-from service.errors import ExperimentError
+from service.errors import ExperimentError, StudyError
 from service.experiment import KNOBS, load_experiment, parse_experiment
+from service.studies import open_storage, open_study_for
 
 EXPERIMENTS = sorted((Path(__file__).resolve().parents[1] / "experiments").glob("*.toml"))
 
@@ -123,6 +125,23 @@ def test_identity_ignores_trial_count_pack_and_description():
     c = parse_experiment("[search]\nseed = 1")
     assert a.fingerprint() == b.fingerprint()
     assert a.fingerprint() != c.fingerprint()
+
+
+def test_a_study_resumes_with_another_log_every_but_not_other_steps(tmp_path):
+    storage = open_storage(f"sqlite:///{tmp_path / 'optuna.db'}")
+    base = "[training]\nsteps = 100\nlog_every = 1\n"
+    first = open_study_for(parse_experiment(base), name="s", storage=storage)
+    first.add_trial(optuna.trial.create_trial(value=1.0))
+    # log_every only thins the curves: the stored study (its fingerprint has log_every = 1) goes on
+    resumed = parse_experiment(base.replace("log_every = 1", "log_every = 10"))
+    assert open_study_for(resumed, name="s", storage=storage).trials[0].value == 1.0
+    # what the trials train still has to match
+    longer = parse_experiment(base.replace("steps = 100", "steps = 200"))
+    with pytest.raises(StudyError, match=r"differs in training\.steps\)"):
+        open_study_for(longer, name="s", storage=storage)
+    both = parse_experiment(base.replace("steps = 100", "steps = 200").replace("= 1\n", "= 5\n"))
+    with pytest.raises(StudyError, match=r"differs in training\.steps\)"):
+        open_study_for(both, name="s", storage=storage)
 
 
 def test_relative_data_path_resolves_next_to_the_file(tmp_path):

@@ -23,6 +23,12 @@ __all__ = ["SEARCH_ROUNDS", "PackChoice", "choose_pack_size", "free_memory", "sl
 
 _PROBE_STEPS = 12
 _MEMORY_SHARE = 0.5  # of the free memory: leave room for the rest of the process
+# Seconds of probing. A GPU's memory holds packs of thousands, ten or more doublings away, and
+# each CUDA probe pays for a new pack and a graph capture besides its steps (the first also for
+# CUDA's own start-up), so 2 s can run out while larger packs still get faster there. 5 s stays
+# small beside the training that a better pack size saves.
+_CPU_BUDGET = 2.0
+_CUDA_BUDGET = 5.0
 # a pack holds at most 1/SEARCH_ROUNDS of the trials to run (see choose_pack_size)
 SEARCH_ROUNDS = 4
 
@@ -52,17 +58,22 @@ def slot_bytes(
     shape: NetworkShape, config: TrainingConfig, n_val: int, *, own_tables: bool = False
 ) -> int:
     """Memory one slot needs, roughly: weights, gradients, EMA shadows and the update's
-    temporaries, the activations of a training batch (kept for backward) and of an
+    temporaries, the slot's training batch and its activations (kept for backward), an
     evaluation over the validation set, and the curve buffers; with ``own_tables`` (each trial
     its own data seed), its batch table too."""
     params = parameter_count(shape)
     widths = sum(shape.sizes[1:])
     state = 5 * params * 4
-    batch = 3 * config.batch_size * widths * 4
+    # each layer's output: the one backward keeps, its gradient and the forward's temporaries
+    activations = 3 * config.batch_size * widths * 4
+    # Each slot gathers its own batch, and backward keeps its inputs for the first layer's
+    # weight gradient: with wide inputs and a narrow network this is most of a step's memory.
+    # Beside them, its targets (one-hot rows at most, else class indices) and row indices.
+    inputs = config.batch_size * (shape.inputs * 4 + max(shape.outputs * 4, 8) + 8)
     evaluation = 2 * n_val * widths * 4
     buffers = min(config.buffer_steps, config.steps) * 12
     table = config.steps * config.batch_size * 8 if own_tables else 0
-    return state + batch + evaluation + buffers + table
+    return state + activations + inputs + evaluation + buffers + table
 
 
 def _probe(
@@ -109,13 +120,14 @@ def choose_pack_size(
     *,
     trials: int,
     limit: int = 65_536,
-    budget: float = 2.0,
+    budget: float | None = None,
     cuda_graph: bool = True,
     own_tables: bool = False,
 ) -> PackChoice:
     """The pack size for ``trials`` trials: sizes 1, 2, 4, … are probed (for about ``budget``
-    seconds in all, within half the free memory, never above a quarter of ``trials``), and
-    the smallest that trains within 10% of the fastest probed rate per trial-step is chosen.
+    seconds in all, by default 2 on a CPU and 5 on CUDA; within half the free memory, never
+    above a quarter of ``trials``), and the smallest that trains within 10% of the fastest
+    probed rate per trial-step is chosen.
 
     A pack's trials are asked before any of them has a result, so a pack of all the trials
     would be a random search without pruning: the sampler and the pruner learn only from the
@@ -130,25 +142,41 @@ def choose_pack_size(
     def probe(size: int) -> float:
         return _probe(shape, loss, data, config, size, device, cuda_graph=cuda_graph)
 
+    if budget is None:
+        budget = _CUDA_BUDGET if device.type == "cuda" else _CPU_BUDGET
     started = time.perf_counter()
     # the first probe also pays for the process's first steps: measure pack 1 twice
     rates = {1: max(probe(1) for _ in range(2))}
     size = 1
-    while size < cap and time.perf_counter() - started < budget:
+    stopped = "cap"  # why the probing stopped: the cap, a slower pack, or the time budget
+    while size < cap:
+        if time.perf_counter() - started >= budget:
+            stopped = "budget"
+            break
         size = min(size * 2, cap)
         rates[size] = probe(size)
         if rates[size] < 0.7 * max(rates.values()):
-            break  # well past the fastest size
+            stopped = "slower"  # well past the fastest size
+            break
     fastest = max(rates.values())
     best = min(k for k, rate in rates.items() if rate >= 0.9 * fastest)
+    probed = max(rates)
     if best == cap:
         if cap == by_search:
             bound = f"the search (a quarter of the {trials:,} trials to run)"
         else:
             bound = "memory" if cap == by_memory else "the limit"
         why = f"capped by {bound}"
+    elif stopped == "budget" and best == probed:
+        # still speeding up when time ran out: a larger pack may well have been faster
+        why = f"the probe's {budget:g} s ran out at pack {probed} (larger packs not tried)"
+    elif stopped == "budget":
+        why = (
+            f"larger packs were not >10% faster (probed up to {probed}, where the probe's "
+            f"{budget:g} s ran out)"
+        )
     else:
-        why = f"larger packs were not >10% faster (probed up to {max(rates)})"
+        why = f"larger packs were not >10% faster (probed up to {probed})"
     reason = (
         f"auto: {rates[best]:,.0f} trial-steps/s at {best} against {rates[1]:,.0f} at 1 "
         f"({rates[best] / rates[1]:.1f}×); {why}; memory allows {by_memory:,}"

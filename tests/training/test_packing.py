@@ -1,10 +1,13 @@
 """`--pack auto`: the size comes from a probe on the device, within memory and the trials."""
 
+import numpy as np
 import torch
 from sklearn.datasets import load_digits
 
 from service.training import Loss, NetworkShape, TrainingConfig, TrainingData
+from service.training.network import parameter_count
 from service.training.packing import choose_pack_size, free_memory, slot_bytes
+from service.training.trainer import Schedule, TrialSpec, _Pack
 
 SHAPE = NetworkShape(inputs=64, hidden=(64,), outputs=10)
 CONFIG = TrainingConfig(steps=400, batch_size=32, eval_every=100)
@@ -27,8 +30,57 @@ def test_auto_packs_many_small_networks_and_never_more_than_a_quarter_of_the_tri
     assert few.size <= 3 and max(few.rates) <= 3
     if few.size == 3:
         assert "a quarter of the 12 trials" in few.reason
-    one = choose_pack_size(SHAPE, loss, data, CONFIG, cpu, trials=5)
-    assert one.size == 1
+    # 8 trials: a pack of 2 at most, which pays here as it does above, so the search's cap binds
+    two = choose_pack_size(SHAPE, loss, data, CONFIG, cpu, trials=8)
+    assert two.size == 2 and max(two.rates) == 2
+    assert "capped by the search (a quarter of the 8 trials to run)" in two.reason
+
+
+def test_auto_says_when_the_probe_ran_out_of_time():
+    data, loss, cpu = digits(), Loss("softmax_cross_entropy"), torch.device("cpu")
+    # the two probes of pack 1 alone take longer than this: no larger pack is tried
+    choice = choose_pack_size(SHAPE, loss, data, CONFIG, cpu, trials=1000, budget=0.001)
+    assert choice.size == 1 and list(choice.rates) == [1]
+    assert "the probe's 0.001 s ran out at pack 1" in choice.reason
+    assert "not >10% faster" not in choice.reason
+
+
+def _kept_for_backward(shape: NetworkShape, loss: Loss, config: TrainingConfig, k: int) -> int:
+    """Bytes a real training step of a pack of ``k`` keeps for its backward, beside the weights
+    (the weights are the estimate's state)."""
+    rng = np.random.default_rng(0)
+    x = rng.random((200, shape.inputs), dtype=np.float32)
+    y = rng.integers(0, shape.outputs, 200)
+    data = TrainingData(x[:150], y[:150], x[150:], y[150:], num_classes=shape.outputs)
+    pack = _Pack(shape, loss, data, config, k, torch.device("cpu"))
+    for slot in range(k):
+        schedule = Schedule(0.01, 0.9, 100, False, 0.99)
+        pack.assign(slot, TrialSpec(slot, schedule, init_seed=slot, data_seed=slot))
+    pack.sync_slots()
+    weights = {p.untyped_storage().data_ptr() for p in pack.params}
+    kept: dict[int, int] = {}
+
+    def keep(tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in weights:
+            kept[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(keep, lambda tensor: tensor):
+        pack.step()
+    return sum(kept.values())
+
+
+def test_memory_estimate_covers_what_a_step_keeps_for_backward():
+    # wide inputs, a narrow network: the slot's input batch is most of what backward keeps
+    shape = NetworkShape(inputs=784, hidden=(8,), outputs=10)
+    config = TrainingConfig(steps=100, batch_size=128, eval_every=50)
+    state = 5 * parameter_count(shape) * 4
+    for kind in ("softmax_cross_entropy", "cross_entropy", "mse"):
+        per_slot = _kept_for_backward(shape, Loss(kind), config, k=4) / 4
+        assert per_slot > config.batch_size * shape.inputs * 4  # the inputs, at least
+        estimate = slot_bytes(shape, config, n_val=0)
+        assert state + per_slot <= estimate < 2 * (state + per_slot), kind
 
 
 def test_memory_estimate_is_sane():
