@@ -197,6 +197,37 @@ def worker(
     )
 
 
+def backlog_text(backlog: Any, *, trials_done: bool) -> str:
+    """The progress display's word on the MLflow server (markup; empty while it keeps up)."""
+    if backlog.down:
+        waiting = f": {backlog.points:,} points wait for it" if backlog.points else ""
+        return f"[red]MLflow unreachable{waiting}[/]"
+    if trials_done and backlog.points:
+        return f"[yellow]delivering {backlog.points:,} points to MLflow[/]"
+    if backlog.behind:
+        return f"[yellow]MLflow behind: {backlog.points:,} points waiting[/]"
+    return ""
+
+
+def _tracking_column() -> Any:
+    from rich.progress import ProgressColumn
+    from rich.text import Text
+
+    class TrackingColumn(ProgressColumn):
+        """Read at every refresh (not only when a trial ends), so it is never stale: it
+        clears once the server catches up, and counts down the final delivery."""
+
+        backlog: Any = None
+
+        def render(self, task: Any) -> Text:
+            if self.backlog is None:
+                return Text("")
+            done = task.total is not None and task.completed >= task.total
+            return Text.from_markup(backlog_text(self.backlog(), trials_done=done))
+
+    return TrackingColumn()
+
+
 def _train(start: Any, settings: Any) -> None:
     """Run a study with a progress bar; SIGINT/SIGTERM stop it cleanly (exit 130/143)."""
     from rich.progress import (
@@ -207,12 +238,13 @@ def _train(start: Any, settings: Any) -> None:
     )
     from rich.progress import Progress as Bar
 
+    tracking = _tracking_column()
     bar = Bar(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
         MofNCompleteColumn(),
         TextColumn("trials  best {task.fields[best]}"),
-        TextColumn("{task.fields[mlflow]}"),
+        tracking,
         TimeElapsedColumn(),
         console=console,
         transient=False,
@@ -227,18 +259,13 @@ def _train(start: Any, settings: Any) -> None:
             f"study [bold]{report.study_name}[/]: up to {report.trials_run} trials here on "
             f"{report.device}{threads}, {report.pack_size} at a time ({report.pack_reason})"
         )
+        tracking.backlog = report.backlog
         bar.start()
-        task = bar.add_task(report.study_name, total=report.trials_run or None, best="-", mlflow="")
+        task = bar.add_task(report.study_name, total=report.trials_run or None, best="-")
 
     def progressed(p) -> None:
         best = f"{p.best_value:.5g}" if p.best_value is not None else "-"
-        # a backlog of more than a few requests' worth: the server, not training, sets the pace
-        behind = (
-            f"[yellow]MLflow behind: {p.tracking_waiting:,} points waiting[/]"
-            if p.tracking_waiting > 5 * 1000
-            else ""
-        )
-        bar.update(task, completed=p.done, best=best, mlflow=behind)
+        bar.update(task, completed=p.done, best=best)
 
     stopper = _Stopper()
     previous = {s: signal.signal(s, stopper.handle) for s in (signal.SIGINT, signal.SIGTERM)}

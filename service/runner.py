@@ -34,7 +34,7 @@ from service.studies import (
     open_study_for,
     safe_url,
 )
-from service.tracking import Delivery, StudyTracker, connect
+from service.tracking import Backlog, Delivery, StudyTracker, connect
 from service.training import (
     Loss,
     NetworkShape,
@@ -96,6 +96,8 @@ class StudyReport:
     row_failures: int = 0
     reaped: int = 0
     delivery: Delivery | None = None
+    # what waits for the MLflow server, read by the progress display while the study runs
+    backlog: Callable[[], Backlog] | None = field(default=None, repr=False, compare=False)
 
 
 def network_shape(experiment: Experiment, data: Dataset) -> NetworkShape:
@@ -623,6 +625,7 @@ def run_study(
         pack_reason=pack_reason,
         cpu_threads=torch.get_num_threads(),
         trials_run=planned,
+        backlog=tracker.outbox.backlog,
     )
     if on_start is not None:
         on_start(report)

@@ -33,6 +33,7 @@ __all__ = [
     "IN_FLIGHT",
     "MAX_BATCH",
     "RUN_STATUS",
+    "Backlog",
     "Delivery",
     "Outbox",
     "StudyTracker",
@@ -47,6 +48,8 @@ log = logging.getLogger(__name__)
 MAX_BATCH = 1000  # MLflow's limit of metrics (and of all entities) per log_batch request
 MAX_PARAMS, MAX_TAGS = 100, 100  # and of params and tags
 IN_FLIGHT = 4  # requests the outbox keeps in flight at once, each for a different run
+# An update still waiting after this long (it lingers 1 s at most) means the server is behind.
+BEHIND_AFTER = 5.0
 # Most points read back from the spill file at a time: the file interleaves a pack's runs, so a
 # window holds many runs' points, and each run's must fill its requests (64,000 points: about
 # 6 MB; a smaller ``spill_after`` lowers it, down to a full request for each in flight).
@@ -158,6 +161,15 @@ class Delivery:
     most_waiting: int = 0  # the largest number of points that waited at once
 
 
+@dataclass(frozen=True)
+class Backlog:
+    """What waits for the MLflow server, for a progress display."""
+
+    points: int  # metric points not yet delivered
+    behind: bool  # the server sets the pace: an update waited past BEHIND_AFTER, or spilled
+    down: bool  # the server does not answer; updates wait for it
+
+
 class _Sender:
     """Sends :class:`_Op` s to MLflow; knows the runs created late (``pending:`` refs)."""
 
@@ -254,9 +266,10 @@ class Outbox:
         spill_after: int = 200_000,
         backoff_max: float = 5.0,
         linger: float = 1.0,
+        behind_after: float = BEHIND_AFTER,
     ) -> None:
         self.sender = _Sender(client, experiment_id)
-        self.linger = linger
+        self.linger, self.behind_after = linger, behind_after
         self._urgent = 0  # callers waiting for delivery
         self.spill_path, self.spill_after, self.backoff_max = spill_path, spill_after, backoff_max
         self._memory: deque[_Op] = deque()
@@ -271,6 +284,7 @@ class Outbox:
         self._early: deque[_Op] = deque()
         self._early_points = 0
         self._cond = threading.Condition()
+        self._creates_stalled = False  # a wait for a run timed out, and no run was created since
         self._busy = False
         self._closing = False
         self.delivery = Delivery(outbox=spill_path)
@@ -292,6 +306,14 @@ class Outbox:
     def waiting_points(self) -> int:
         """Metric points logged but not yet delivered (the server is behind when this grows)."""
         return self._memory_points + self._spilled_points + self._early_points
+
+    def backlog(self) -> Backlog:
+        """How far behind the server is, now (cheap enough for every refresh of a display)."""
+        with self._cond:
+            behind = bool(self._spilled or self._early) or bool(
+                self._memory and time.monotonic() - self._memory[0].queued_at > self.behind_after
+            )
+            return Backlog(self.waiting_points, behind, self.down_since is not None)
 
     def put(self, op: _Op) -> None:
         with self._cond:
@@ -318,14 +340,16 @@ class Outbox:
 
     def wait_for_run(self, ref: str, timeout: float) -> str | None:
         """The run id behind ``ref`` once its run is created; None after ``timeout`` seconds,
-        or at once while the server is away."""
+        or at once while the server is away, or stalls: after one wait timed out, none waits
+        until a run is created again (else every trial of a pack would wait in turn)."""
         deadline = time.monotonic() + timeout
         with self._cond, self._hurry():
             while (run_id := self.sender.resolve(ref)) is None and self.healthy:
-                if ref in self.sender.refused:
+                if ref in self.sender.refused or self._creates_stalled:
                     break
                 left = deadline - time.monotonic()
                 if left <= 0 or not self._thread.is_alive():
+                    self._creates_stalled = left <= 0
                     break
                 self._cond.wait(left)
         return run_id
@@ -400,6 +424,8 @@ class Outbox:
                 if isinstance(outcome, int):
                     self.delivery.points_sent += outcome
                     self.delivery.requests += 1
+                    if op.kind == "create":
+                        self._creates_stalled = False
                 elif is_transient(outcome):
                     failed.append(op)
                     if self.down_since is None:

@@ -14,8 +14,10 @@ import requests
 import torch
 from mlflow.tracking import MlflowClient
 
+from service.cli import backlog_text
 from service.links import ui_url
 from service.search import KNOBS
+from service.tracking import Backlog
 from service.training import exponential_decay
 from tests.conftest import TINY_DIGITS, free_port, wait_for_http, write_experiment
 
@@ -362,3 +364,20 @@ def test_cuda_without_a_gpu_is_a_clear_error(hpo, tiny_experiment):
     assert result.returncode != 0
     assert "--device: device 'cuda' was asked for, but torch sees no CUDA device" in result.stderr
     assert not (hpo.home / "optuna.db").exists()
+
+
+@pytest.mark.parametrize(
+    ("backlog", "trials_done", "text"),
+    [
+        (Backlog(4_000, behind=False, down=False), False, ""),
+        (Backlog(12_345, behind=True, down=False), False, "MLflow behind: 12,345 points waiting"),
+        (Backlog(12_345, behind=True, down=False), True, "delivering 12,345 points to MLflow"),
+        (Backlog(0, behind=False, down=False), True, ""),
+        (Backlog(9, behind=True, down=True), False, "MLflow unreachable: 9 points wait for it"),
+    ],
+)
+def test_the_progress_display_says_what_the_tracking_server_is_doing(backlog, trials_done, text):
+    from rich.text import Text
+
+    rendered = Text.from_markup(backlog_text(backlog, trials_done=trials_done)).plain
+    assert rendered == text

@@ -6,13 +6,14 @@ import time
 import numpy as np
 import pytest
 import requests
-from mlflow.entities import Metric
+from mlflow.entities import Metric, RunTag
 from mlflow.tracking import MlflowClient
 
 from service.errors import TrackingError
 from service.tracking import (
     IN_FLIGHT,
     MAX_BATCH,
+    Backlog,
     Outbox,
     StudyTracker,
     _Op,
@@ -172,6 +173,80 @@ def test_a_hanging_request_spills_and_the_file_drains_like_memory(mlflow_server,
         assert steps == [*range(800)] + ([10_000] if run == runs[0] else [])
 
 
+class GatedClient(RecordingClient):
+    """Its first log_batch waits for ``gate`` (a server that stalls), then goes through."""
+
+    def __init__(self, uri):
+        super().__init__(uri)
+        self.in_flight, self.gate = threading.Event(), threading.Event()
+
+    def log_batch(self, run_id, metrics=(), params=(), tags=(), **kwargs):
+        if not self.in_flight.is_set():
+            self.in_flight.set()
+            self.gate.wait()
+        return super().log_batch(run_id, metrics=metrics, params=params, tags=tags, **kwargs)
+
+
+def test_the_backlog_says_when_the_server_sets_the_pace_and_clears(mlflow_server):
+    client = GatedClient(mlflow_server.url)
+    run_id = client.create_run(client.create_experiment("outbox-backlog")).info.run_id
+    outbox = Outbox(client, linger=0.05, behind_after=0.5)
+    assert outbox.backlog() == Backlog(0, behind=False, down=False)
+    outbox.put(_Op("batch", run_id, metrics=[Metric("train_loss", 1.0, 0, 0)]))
+    assert client.in_flight.wait(30)
+    points = [Metric("train_loss", 1.0, 0, s) for s in range(1, 301)]
+    outbox.put(_Op("batch", run_id, metrics=points))
+    assert outbox.backlog() == Backlog(300, behind=False, down=False)  # it just queued
+    time.sleep(0.7)
+    assert outbox.backlog() == Backlog(300, behind=True, down=False)
+    client.gate.set()
+    assert outbox.flush(timeout=30)
+    assert outbox.backlog() == Backlog(0, behind=False, down=False)
+    assert outbox.close().points_sent == 301
+
+
+class StalledCreates(MlflowClient):
+    """A server that stalls on create_run until ``gate`` is set."""
+
+    def __init__(self, uri):
+        super().__init__(uri)
+        self.gate = threading.Event()
+
+    def create_run(self, *args, **kwargs):
+        self.gate.wait()
+        return super().create_run(*args, **kwargs)
+
+
+def _create(outbox: Outbox, key: str, experiment_id: str) -> str:
+    ref = f"pending:{key}"
+    tags = [RunTag("hpo.run_key", key)]
+    extra = {"experiment_id": experiment_id, "start_time": 0, "run_name": key, "number": 0}
+    outbox.put(_Op("create", ref, tags=tags, extra=extra))
+    return ref
+
+
+def test_a_stalled_server_holds_one_wait_for_a_run_not_every_one(mlflow_server):
+    """Trials wait for their run ids at their end; once a wait timed out, the next trials end
+    without waiting until a run is created again."""
+    client = StalledCreates(mlflow_server.url)
+    experiment = client.create_experiment("outbox-stalled-creates")
+    outbox = Outbox(client, experiment_id=experiment)
+    first, second = (_create(outbox, key, experiment) for key in ("k1", "k2"))
+    assert outbox.wait_for_run(first, timeout=0.5) is None  # the one wait that times out
+    opens = threading.Timer(15, client.gate.set)  # long before the 60 s the next could wait
+    opens.start()
+    try:
+        assert outbox.wait_for_run(second, timeout=60) is None
+        assert not client.gate.is_set(), "it did not wait for the stalled server"
+    finally:
+        opens.cancel()
+        client.gate.set()
+    assert outbox.flush(timeout=60)
+    third = _create(outbox, "k3", experiment)
+    assert outbox.wait_for_run(third, timeout=60) is not None  # runs are created: waits again
+    assert outbox.close().dropped == []
+
+
 def test_a_full_request_goes_at_once_and_a_small_one_lingers(mlflow_server):
     """Updates linger for more of their run, unless a run has a full request waiting."""
     client = RecordingClient(mlflow_server.url)
@@ -256,6 +331,11 @@ def test_updates_wait_for_a_dead_server_on_disk_and_sync_delivers_them_once(
         outbox.put(_Op("batch", run_id, metrics=[Metric("train_loss", 1.0, 7, s) for s in steps]))
     outbox.put(_Op("terminate", run_id, extra={"status": "FINISHED", "end_time": 8}))
     assert spill.exists(), "past spill_after, updates wait on disk"
+    deadline = time.monotonic() + 30
+    expected = Backlog(2500, behind=True, down=True)  # between two tries, all of it waits
+    while outbox.backlog() != expected and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert outbox.backlog() == expected
     delivery = outbox.close(grace=1.0)
     assert delivery.points_sent == 0 and delivery.kept >= 2 and delivery.outbox == spill
     assert len(dead.calls) >= 2  # it kept trying
