@@ -81,7 +81,7 @@ class TrialSpec:
 class TrainingConfig:
     """The budget of every trial: ``steps`` optimiser updates of ``batch_size`` examples, an
     evaluation every ``eval_every`` updates (and after the last), a curve point every
-    ``log_every`` updates."""
+    ``log_every`` updates (and at the last)."""
 
     steps: int
     batch_size: int
@@ -382,10 +382,17 @@ class _Pack:
         return self.loss_buffer[:, :n].cpu().numpy(), self.lr_buffer[:, :n].cpu().numpy()
 
     @torch.no_grad()
-    def evaluate(self) -> list[dict[str, float]]:
-        """Validation metrics of the raw weights and of the EMA (shadow) weights, per slot."""
+    def evaluate(self, slots: Sequence[int]) -> dict[int, dict[str, float]]:
+        """Validation metrics of the raw weights and of the EMA (shadow) weights of ``slots``.
+        Only those are evaluated: slots refilled at other steps fall due at other times, and an
+        evaluation over the validation set costs many training steps."""
+        index = None
+        if len(slots) < self.capacity:
+            index = torch.tensor(slots, dtype=torch.long, device=self.x_val.device)
         metrics: dict[str, torch.Tensor] = {}
         for prefix, weights in (("", self.params), ("ema_", self.shadows)):
+            if index is not None:
+                weights = [w.index_select(0, index) for w in weights]
             out = forward(weights, self.x_val, self.shape)
             metrics[f"{prefix}val_loss"] = self.loss(out, self.y_val)
             if self.labels_val is not None:
@@ -393,7 +400,11 @@ class _Pack:
                 correct = (predicted == self.labels_val).float().mean(1)
                 metrics[f"{prefix}val_accuracy"] = correct
         host = {name: values.cpu().numpy() for name, values in metrics.items()}
-        return [{name: float(v[slot]) for name, v in host.items()} for slot in range(self.capacity)]
+        rows = range(len(slots)) if index is not None else slots
+        return {
+            slot: {name: float(v[row]) for name, v in host.items()}
+            for slot, row in zip(slots, rows, strict=True)
+        }
 
 
 def train(
@@ -433,10 +444,31 @@ def train(
 
 def _report(pack: _Pack, hooks: PackHooks, due: Sequence[int], config: TrainingConfig) -> list[int]:
     """Send buffered curve points and due evaluations to the hooks; return the slots that ended."""
+    outcomes: dict[int, TrialOutcome] = {}
+    try:
+        _decide(pack, hooks, due, config, outcomes)
+    except BaseException:
+        # A hook stopped the run (Ctrl-C): the trials that ended before it are still told, so
+        # their results are kept instead of being failed and trained again.
+        for outcome in outcomes.values():
+            hooks.on_trial_end(outcome)
+        raise
+    for outcome in outcomes.values():
+        hooks.on_trial_end(outcome)
+    return list(outcomes)
+
+
+def _decide(
+    pack: _Pack,
+    hooks: PackHooks,
+    due: Sequence[int],
+    config: TrainingConfig,
+    outcomes: dict[int, TrialOutcome],
+) -> None:
+    """Hand the hooks the curve points and evaluations; fill ``outcomes`` with the slots whose
+    trials end here."""
     n = pack.buffered
     losses, lrs = pack.drain()
-    ended: list[int] = []
-    outcomes: dict[int, TrialOutcome] = {}
     for slot, spec in enumerate(pack.slots):
         if spec is None:
             continue
@@ -444,7 +476,8 @@ def _report(pack: _Pack, hooks: PackHooks, due: Sequence[int], config: TrainingC
         steps = np.arange(last - n, last)
         slot_losses, slot_lrs = losses[slot], lrs[slot]
         finite = np.isfinite(slot_losses)
-        keep = steps % config.log_every == 0
+        # every log_every-th update, and the last one, so that each curve reaches its end
+        keep = (steps % config.log_every == 0) | (steps == config.steps - 1)
         if not finite.all():
             bad = int(np.argmin(finite))
             keep[bad:] = False
@@ -459,7 +492,7 @@ def _report(pack: _Pack, hooks: PackHooks, due: Sequence[int], config: TrainingC
 
     due = [slot for slot in due if slot not in outcomes]
     if due:
-        evaluations = pack.evaluate()
+        evaluations = pack.evaluate(due)
         for slot in due:
             spec = pack.slots[slot]
             assert spec is not None
@@ -485,11 +518,6 @@ def _report(pack: _Pack, hooks: PackHooks, due: Sequence[int], config: TrainingC
                     parameters=[p[slot].detach().cpu().numpy() for p in pack.params],
                     ema_parameters=[s[slot].cpu().numpy() for s in pack.shadows],
                 )
-
-    for slot, outcome in outcomes.items():
-        hooks.on_trial_end(outcome)
-        ended.append(slot)
-    return ended
 
 
 @dataclass

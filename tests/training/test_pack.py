@@ -2,6 +2,7 @@
 reference loop (torch.optim.SGD + LambdaLR + a hand-written EMA), on every loss."""
 
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -310,7 +311,43 @@ def test_log_every_thins_the_curve():
     loss, shape, data = CASES["mse"]
     config = TrainingConfig(steps=40, batch_size=16, eval_every=10, log_every=5)
     (curve,) = train_trials(shape, loss, data, config, specs()[:1])
-    assert curve.steps == list(range(0, 40, 5))
+    assert curve.steps == [*range(0, 40, 5), 39]  # and the last update, so the curve ends
+    (every,) = train_trials(shape, loss, data, replace(config, log_every=1), specs()[:1])
+    assert curve.train_loss == [every.train_loss[s] for s in curve.steps]
+
+
+def test_a_stop_during_a_report_still_ends_the_trials_that_ended_before_it():
+    """Ctrl-C raised by a hook while a report is handed out: the trials that completed earlier in
+    that report are still told, so their results are kept rather than trained again."""
+    loss, shape, data = CASES["mse"]
+
+    class Interrupt(StopAt):
+        def on_evaluation(self, key, step, metrics):
+            super().on_evaluation(key, step, metrics)
+            if key == 1 and step == CONFIG.steps:
+                raise KeyboardInterrupt
+
+    hooks = Interrupt(specs()[:2], key=None, step=None)
+    with pytest.raises(KeyboardInterrupt):
+        train(shape, loss, data, CONFIG, hooks, pack_size=2)
+    assert list(hooks.ends) == [0] and hooks.ends[0].state == "complete"
+
+
+def test_only_the_slots_due_are_evaluated_and_alike():
+    from service.training.trainer import _Pack
+
+    loss, shape, data = CASES["softmax_cross_entropy"]
+    pack = _Pack(shape, loss, data, CONFIG, 4, torch.device("cpu"))
+    for slot, spec in enumerate(specs()):
+        pack.assign(slot, spec)
+    pack.sync_slots()
+    for _ in range(5):
+        pack.step()
+    every = pack.evaluate([0, 1, 2, 3])
+    some = pack.evaluate([3, 1])
+    assert list(some) == [3, 1]
+    for slot in (1, 3):
+        assert some[slot] == pytest.approx(every[slot], rel=1e-6)
 
 
 def _step_tensors(pack) -> dict[str, int]:
