@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import signal
 import subprocess
 import sys
@@ -337,6 +338,21 @@ def test_ui_serves_the_study_on_localhost(hpo, tiny_experiment):
     finally:
         process.terminate()
         process.wait(timeout=30)
+
+
+def test_pack_auto_says_the_size_it_measured_and_why(hpo, tmp_path):
+    """The default ``--pack auto``: a probe on this device, its figures and reason printed, and
+    the size it chose is the one trained (8 trials: a pack holds at most 2)."""
+    path = write_experiment(tmp_path, TINY_DIGITS.replace("pack = 3", 'pack = "auto"'))
+    result = hpo("run", str(path), "--trials", "8")
+    assert result.returncode == 0, result.stderr
+    said = " ".join(result.stdout.split())
+    chosen = re.search(r"(\d+) at a time \(auto: [\d,]+ trial-steps/s at (\d+) against", said)
+    assert chosen and chosen.group(1) == chosen.group(2) and int(chosen.group(1)) in (1, 2), said
+    assert re.search(r"(capped by the search \(a quarter of the 8 trials|not >10% faster)", said)
+    assert "8 trials here" in said
+    study = optuna.load_study(study_name="tiny", storage=hpo.storage)
+    assert {t.state.name for t in study.trials} == {"COMPLETE"}
 
 
 def test_grid_study_stops_at_the_grid_size(hpo, tmp_path):
