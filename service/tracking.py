@@ -674,18 +674,36 @@ def deliver_outbox(
 
 
 def _deliver_file(sender: _Sender, path: Path, total: Delivery) -> None:
-    ops = [_Op.from_json(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
-    for index, op in enumerate(ops):
+    """Send one outbox file as the outbox sends memory: several runs at once, each run's
+    points merged up to :data:`MAX_BATCH` a request, each run's updates in order."""
+    waiting = deque(
+        _Op.from_json(line) for line in path.read_text(encoding="utf-8").splitlines() if line
+    )
+
+    def attempt(op: _Op) -> int | Exception:
         try:
-            total.points_sent += sender.send(op)
+            return sender.send(op)
         except Exception as exc:
-            if not is_transient(exc):
-                total.dropped.append(f"{type(exc).__name__}: {_short(exc)}")
-                continue
-            _rewrite(path, sender, ops[index:])
-            total.kept += len(ops) - index
-            total.outbox = path
-            return
+            return exc
+
+    with ThreadPoolExecutor(IN_FLIGHT, thread_name_prefix="mlflow-sync") as pool:
+        while waiting:
+            group, waiting = _group(waiting)
+            failed = []
+            for op, outcome in zip(group, pool.map(attempt, group), strict=True):
+                if isinstance(outcome, int):
+                    total.points_sent += outcome
+                    total.requests += 1
+                elif is_transient(outcome):
+                    failed.append(op)
+                else:
+                    total.dropped.append(f"{type(outcome).__name__}: {_short(outcome)}")
+            if failed:  # the server went away again: what is left stays, in order
+                rest = [*failed, *waiting]
+                _rewrite(path, sender, rest)
+                total.kept += len(rest)
+                total.outbox = path
+                return
     path.unlink()
 
 

@@ -321,7 +321,7 @@ def test_updates_wait_for_a_dead_server_on_disk_and_sync_delivers_them_once(
     """A server that never comes back: the study is not held up beyond the grace, every
     update is kept on disk (spilled early past the threshold), and delivered exactly once."""
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-    live = MlflowClient(mlflow_server.url)
+    live = RecordingClient(mlflow_server.url)
     run_id = live.create_run(live.create_experiment("outbox-dead")).info.run_id
     dead = RecordingClient("http://127.0.0.1:9")
     spill = tmp_path / "outbox" / "study" / "a.jsonl"
@@ -342,6 +342,7 @@ def test_updates_wait_for_a_dead_server_on_disk_and_sync_delivers_them_once(
 
     first = deliver_outbox(live, spill.parent)
     assert first.points_sent == 2500 and first.kept == 0 and not spill.exists()
+    assert live.batch_sizes == [1000, 1000, 500]  # the file's updates merged, as from memory
     again = deliver_outbox(live, spill.parent)  # nothing left: nothing sent twice
     assert again.points_sent == 0
     history = live.get_metric_history(run_id, "train_loss")
