@@ -90,6 +90,12 @@ else
     # each CUDA size runs twice (with and without the graph): no new size after 90 s
     "$PY" benchmarks/pack_speed.py --cuda-budget-s 90 || status=1
 fi
+section "a pack's last trials, full pack or shrunk to them: benchmarks/pack_tail.py"
+if [ -n "${QUICK:-}" ]; then
+    "$PY" benchmarks/pack_tail.py --packs 16 --repeats 1 || status=1
+else
+    "$PY" benchmarks/pack_tail.py --packs 64,1024,8192 --repeats 2 || status=1
+fi
 fi
 fi
 

@@ -47,6 +47,9 @@ OutcomeState = Literal["complete", "stopped", "diverged"]
 # eager steps before a CUDA graph is captured: PyTorch asks for a few on the capture's stream
 # (cuBLAS handles, autograd's and the allocator's lazy set-up must not happen mid-capture)
 GRAPH_WARMUP = 3
+# Once no trial is left to start, a pack this many times larger than the trials still training
+# is replaced by one of their size: the step's cost follows the pack's size, not its trials'.
+SHRINK = 4
 # why a capture failed in this process, if one did: later packs do not try again (a failed
 # capture keeps its memory pool)
 _capture_failures: list[str] = []
@@ -183,9 +186,10 @@ class _Pack:
         device: torch.device,
         *,
         cuda_graph: bool = True,
+        like: _Pack | None = None,
     ) -> None:
         self.shape, self.loss, self.config, self.device = shape, loss, config, device
-        self.capacity = capacity
+        self.data, self.capacity = data, capacity
         # Every tensor the step reads or writes is allocated here once and then only written in
         # place, so that a captured graph's replays see the slots' current contents.
         self.cuda_graph = cuda_graph and device.type == "cuda" and not _capture_failures
@@ -193,25 +197,31 @@ class _Pack:
         self._stream = torch.cuda.Stream(device) if self.cuda_graph else None
         self._eager_steps = 0
         to = dict(device=device)
-        self.x_train = torch.as_tensor(data.x_train, dtype=torch.float32).to(**to)
-        self.y_train = loss.targets(data.y_train, shape.outputs).to(**to)
-        self.x_val = torch.as_tensor(data.x_val, dtype=torch.float32).to(**to)
-        self.y_val = loss.targets(data.y_val, shape.outputs).to(**to)
-        self.labels_val = (
-            torch.as_tensor(data.y_val, dtype=torch.long).reshape(-1).to(**to)
-            if data.num_classes is not None
-            else None
-        )
         template = init_parameters(shape, 0)
         self.params = [torch.zeros(capacity, *p.shape, **to).requires_grad_() for p in template]
         self.shadows = [torch.zeros(capacity, *p.shape, **to) for p in template]
-        self._init_cache: dict[int, list[torch.Tensor]] = {}
-        # One batch table per data seed in use, in rows of ``tables``; a seed's row is reused
-        # in place once no slot uses it, so the tensor changes only when it has to grow.
-        batch = min(config.batch_size, len(data.x_train))
-        self.tables = torch.zeros(1, config.steps, batch, dtype=torch.long, **to)
-        self._table_row: dict[int, int] = {}
-        self._free_rows = [0]
+        if like is not None:  # a smaller pack for the same trials: the data stays where it is
+            for name in ("x_train", "y_train", "x_val", "y_val", "labels_val", "tables"):
+                setattr(self, name, getattr(like, name))
+            self._init_cache = like._init_cache
+            self._table_row, self._free_rows = dict(like._table_row), list(like._free_rows)
+        else:
+            self.x_train = torch.as_tensor(data.x_train, dtype=torch.float32).to(**to)
+            self.y_train = loss.targets(data.y_train, shape.outputs).to(**to)
+            self.x_val = torch.as_tensor(data.x_val, dtype=torch.float32).to(**to)
+            self.y_val = loss.targets(data.y_val, shape.outputs).to(**to)
+            self.labels_val = (
+                torch.as_tensor(data.y_val, dtype=torch.long).reshape(-1).to(**to)
+                if data.num_classes is not None
+                else None
+            )
+            self._init_cache: dict[int, list[torch.Tensor]] = {}
+            # One batch table per data seed in use, in rows of ``tables``; a seed's row is
+            # reused in place once no slot uses it, so the tensor changes only when it must grow.
+            batch = min(config.batch_size, len(data.x_train))
+            self.tables = torch.zeros(1, config.steps, batch, dtype=torch.long, **to)
+            self._table_row: dict[int, int] = {}
+            self._free_rows = [0]
         self.table_of_slot = torch.zeros(capacity, dtype=torch.long, **to)
 
         # Knob vectors: edited on the host when slots change, copied to the device at once.
@@ -256,6 +266,33 @@ class _Pack:
     def free(self, slot: int) -> None:
         self.slots[slot] = None
         self.occupied[slot] = False
+
+    def shrunk(self) -> _Pack:
+        """A pack of just the trials training now, each where it was (weights, shadows, step):
+        for a pack's last trials. Taken between reports, when nothing is buffered."""
+        assert self.buffered == 0
+        live = np.flatnonzero(self.occupied)
+        small = _Pack(
+            self.shape,
+            self.loss,
+            self.data,
+            self.config,
+            len(live),
+            self.device,
+            cuda_graph=self.cuda_graph,
+            like=self,
+        )
+        index = torch.as_tensor(live, device=self.device)
+        pairs = zip(small.params + small.shadows, self.params + self.shadows, strict=True)
+        with torch.no_grad():
+            for new, old in pairs:
+                new.copy_(old.index_select(0, index))
+        for name, values in self.knobs_host.items():
+            small.knobs_host[name][:] = values[live]
+        small.slots = [self.slots[slot] for slot in live]
+        small.occupied[:] = True
+        small.steps_done[:] = self.steps_done[live]
+        return small
 
     def sync_slots(self) -> None:
         """Copy the slots' knobs, step counters, active flags and batch tables to the device."""
@@ -433,12 +470,17 @@ def train(
         for _ in range(pack.steps_to_report()):
             pack.step()
         ended = _report(pack, hooks, pack.due(), config)
+        exhausted = False  # no trial is left to start
         for slot in ended:
             next_spec = hooks.next_trial()
             pack.free(slot)
             if next_spec is not None:
                 pack.assign(slot, next_spec)
+            exhausted = next_spec is None
         if ended:
+            training = int(pack.occupied.sum())
+            if exhausted and 0 < training * SHRINK <= pack.capacity:
+                pack = pack.shrunk()
             pack.sync_slots()
 
 

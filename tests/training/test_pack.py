@@ -333,6 +333,50 @@ def test_a_stop_during_a_report_still_ends_the_trials_that_ended_before_it():
     assert list(hooks.ends) == [0] and hooks.ends[0].state == "complete"
 
 
+def test_a_pack_shrinks_to_its_last_trials_and_their_curves_stay_the_same(monkeypatch):
+    """Eight trials in a pack of 8; six stop at step 10 and none is left to start, so the last
+    two go on in a pack of 2, from where they were, as if they had trained alone."""
+    from service.training import trainer
+
+    loss, shape, data = CASES["softmax_cross_entropy"]
+    trials = [
+        TrialSpec(key=i, schedule=SCHEDULES[i % 4], init_seed=i, data_seed=i % 3) for i in range(8)
+    ]
+    sizes = []
+    shrunk = trainer._Pack.shrunk
+
+    def record(pack):
+        small = shrunk(pack)
+        sizes.append((pack.capacity, small.capacity))
+        return small
+
+    monkeypatch.setattr(trainer._Pack, "shrunk", record)
+
+    class StopMost(StopAt):
+        def on_curve(self, key, steps, train_loss, lr):
+            self.curves[key] += list(zip(steps.tolist(), train_loss.tolist(), strict=True))
+
+        def on_evaluation(self, key, step, metrics):
+            self.evaluations[key].append((step, metrics))
+            if key not in (3, 6) and step == 10:
+                raise RuntimeError("stopped")
+
+    hooks = StopMost(trials, key=None, step=None)
+    train(shape, loss, data, CONFIG, hooks, pack_size=8)
+    assert sizes == [(8, 2)]
+    for key in (3, 6):
+        (alone,) = train_trials(shape, loss, data, CONFIG, [trials[key]], pack_size=1)
+        steps, losses = map(list, zip(*hooks.curves[key], strict=True))
+        assert steps == alone.steps == list(range(CONFIG.steps))
+        np.testing.assert_allclose(losses, alone.train_loss, rtol=1e-5, atol=1e-6)
+        assert [step for step, _ in hooks.evaluations[key]] == [10, 20, 30, 40]
+        assert hooks.ends[key].state == "complete"
+        assert hooks.ends[key].metrics == pytest.approx(alone.outcome.metrics, rel=1e-5)
+        pairs = zip(hooks.ends[key].ema_parameters, alone.outcome.ema_parameters, strict=True)
+        for got, want in pairs:
+            np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
 def test_only_the_slots_due_are_evaluated_and_alike():
     from service.training.trainer import _Pack
 
