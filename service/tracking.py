@@ -308,12 +308,17 @@ class Outbox:
         return self._memory_points + self._spilled_points + self._early_points
 
     def backlog(self) -> Backlog:
-        """How far behind the server is, now (cheap enough for every refresh of a display)."""
-        with self._cond:
-            behind = bool(self._spilled or self._early) or bool(
-                self._memory and time.monotonic() - self._memory[0].queued_at > self.behind_after
-            )
-            return Backlog(self.waiting_points, behind, self.down_since is not None)
+        """How far behind the server is, now. Read without the lock, as a display may take a
+        moment's inconsistency but must never wait on the sender (nor the sender on it: the
+        sender's log lines go through the display's console)."""
+        behind = bool(self._spilled or self._early)
+        try:
+            oldest = self._memory[0].queued_at
+        except IndexError:
+            pass
+        else:
+            behind = behind or time.monotonic() - oldest > self.behind_after
+        return Backlog(self.waiting_points, behind, self.down_since is not None)
 
     def put(self, op: _Op) -> None:
         with self._cond:
@@ -407,15 +412,19 @@ class Outbox:
                     self._cond.wait(None if wait == math.inf else wait)
                 if self._closing:
                     return
+                unreadable: Exception | None = None
                 try:
                     group, early = self._next()
                 except Exception as exc:  # an unreadable spill file: what it held is reported
-                    log.error("could not read the MLflow outbox %s: %s", self.spill_path, exc)
+                    unreadable = exc
                     self.delivery.dropped.append(f"unreadable outbox: {_short(exc)}")
                     self._skip_spilled()
                     self._cond.notify_all()
-                    continue
-                self._busy = True
+                else:
+                    self._busy = True
+            if unreadable is not None:  # logged without the lock (see backlog)
+                log.error("could not read the MLflow outbox %s: %s", self.spill_path, unreadable)
+                continue
             sent_at = time.perf_counter()
             outcomes = self._send(group)
             self.delivery.sending_s += time.perf_counter() - sent_at
@@ -490,7 +499,7 @@ class Outbox:
         if not self._early and self._spilled:
             self._read_back()
         if self._early:
-            taken, rest = _group(self._early)
+            taken, rest = _group(self._early, name=self._name)
             self._early, self._early_points = rest, sum(len(op.metrics) for op in rest)
             return taken, True
         return self._take(), False
@@ -519,11 +528,14 @@ class Outbox:
         self._read_at = self.spill_path.stat().st_size if self.spill_path.exists() else 0
         self._spilled = self._spilled_points = 0
 
+    def _name(self, run: str) -> str:
+        return self.sender.resolve(run) or run
+
     def _has_creates(self) -> bool:
         return any(op.kind == "create" for op in self._memory)
 
     def _take(self, *, creates_only: bool = False) -> list[_Op]:
-        taken, rest = _group(self._memory, creates_only=creates_only)
+        taken, rest = _group(self._memory, creates_only=creates_only, name=self._name)
         self._hold(rest)
         return taken
 
@@ -554,7 +566,10 @@ class Outbox:
         self.spill_path.parent.mkdir(parents=True, exist_ok=True)
         with self.spill_path.open("a", encoding="utf-8") as f:
             for op in self._memory:
-                f.write(_resolved_by(self.sender, op).to_json() + "\n")
+                # as the trainer named them: a run spilled before its create and after it must
+                # not appear under two names (its id and ``pending:``), or it would be sent as
+                # two runs, out of order; close() and ``hpo sync`` name them all alike
+                f.write(op.to_json() + "\n")
         self._spilled += len(self._memory)
         self._spilled_points += self._memory_points
         self._hold(deque())
@@ -587,27 +602,33 @@ class Outbox:
         self.delivery.outbox = path if kept else None
 
 
-def _group(ops: Iterable[_Op], *, creates_only: bool = False) -> tuple[list[_Op], deque[_Op]]:
+def _group(
+    ops: Iterable[_Op],
+    *,
+    creates_only: bool = False,
+    name: Callable[[str], str] = lambda run: run,
+) -> tuple[list[_Op], deque[_Op]]:
     """Up to :data:`IN_FLIGHT` ops to send at once, each for a different run, and the ops left
     waiting. A run's op is its oldest, merged with that run's points queued behind it, up to
     :data:`MAX_BATCH`: only a run's own updates must keep their order, so one run's points are
-    merged across other runs' ops. New runs go first: their trials wait to learn their run ids."""
+    merged across other runs' ops. New runs go first: their trials wait to learn their run ids.
+    ``name`` gives a run's one name where it has two (``pending:`` and its id)."""
     taken: dict[str, _Op] = {}
     done: set[str] = set()  # runs whose next op waits for the next group
-    ops = list(ops)
-    for op in ops:
-        if op.kind == "create" and len(taken) < IN_FLIGHT and op.run not in taken:
-            taken[op.run] = op
-            done.add(op.run)
+    ops = [(name(op.run), op) for op in ops]
+    for run, op in ops:
+        if op.kind == "create" and len(taken) < IN_FLIGHT and run not in taken:
+            taken[run] = op
+            done.add(run)
     rest: deque[_Op] = deque()
-    for op in ops:
-        if taken.get(op.run) is op:
+    for run, op in ops:
+        if taken.get(run) is op:
             continue
         if creates_only:
             rest.append(op)
             continue
-        first = taken.get(op.run)
-        if op.run in done:
+        first = taken.get(run)
+        if run in done:
             rest.append(op)
         elif first is not None:
             room = _room(first, op)
@@ -615,18 +636,18 @@ def _group(ops: Iterable[_Op], *, creates_only: bool = False) -> tuple[list[_Op]
                 _merge(first, op, room)
                 if len(op.metrics) > room:  # the rest waits, first in its run's line
                     rest.append(_Op("batch", op.run, op.metrics[room:], queued_at=op.queued_at))
-                    done.add(op.run)
+                    done.add(run)
             else:
-                done.add(op.run)
+                done.add(run)
                 rest.append(op)
         elif len(taken) < IN_FLIGHT:
-            taken[op.run] = _Op(
+            taken[run] = _Op(
                 op.kind, op.run, list(op.metrics), list(op.params), list(op.tags), op.extra
             )
             if op.kind != "batch":
-                done.add(op.run)
+                done.add(run)
         else:
-            done.add(op.run)
+            done.add(run)
             rest.append(op)
     return list(taken.values()), rest
 
@@ -688,7 +709,7 @@ def _deliver_file(sender: _Sender, path: Path, total: Delivery) -> None:
 
     with ThreadPoolExecutor(IN_FLIGHT, thread_name_prefix="mlflow-sync") as pool:
         while waiting:
-            group, waiting = _group(waiting)
+            group, waiting = _group(waiting, name=lambda run: sender.resolve(run) or run)
             failed = []
             for op, outcome in zip(group, pool.map(attempt, group), strict=True):
                 if isinstance(outcome, int):

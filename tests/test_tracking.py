@@ -1,5 +1,6 @@
 """The MLflow side against a real `mlflow server`: batching, ordering, experiment and runs."""
 
+import json
 import threading
 import time
 
@@ -16,6 +17,7 @@ from service.tracking import (
     Backlog,
     Outbox,
     StudyTracker,
+    _group,
     _Op,
     connect,
     deliver_outbox,
@@ -245,6 +247,40 @@ def test_a_stalled_server_holds_one_wait_for_a_run_not_every_one(mlflow_server):
     third = _create(outbox, "k3", experiment)
     assert outbox.wait_for_run(third, timeout=60) is not None  # runs are created: waits again
     assert outbox.close().dropped == []
+
+
+def test_one_run_under_two_names_is_one_run_in_a_group():
+    """A run queued as ``pending:k`` before its create and by its id after it: grouped as one
+    run, so its later updates (its end) wait behind its earlier ones."""
+    early = _Op("batch", "pending:k", metrics=[Metric("train_loss", 0.5, 0, s) for s in range(600)])
+    later = _Op("batch", "R", metrics=[Metric("train_loss", 0.5, 0, s) for s in range(600, 900)])
+    end = _Op("terminate", "R", extra={"status": "FINISHED", "end_time": 1})
+    names = {"pending:k": "R"}
+    taken, rest = _group([early, later, end], name=lambda run: names.get(run, run))
+    assert [(op.run, len(op.metrics)) for op in taken] == [("pending:k", 600)]
+    assert [op.kind for op in rest] == ["batch", "terminate"]
+
+
+def test_spilled_updates_keep_the_names_they_were_queued_under(mlflow_server, tmp_path):
+    """A run's updates spilled after its create are written under the same name as those
+    spilled before it (``pending:``), not under its id: one run, one name, in the file."""
+    client = GatedClient(mlflow_server.url)
+    experiment = client.create_experiment("outbox-spill-names")
+    spill = tmp_path / "outbox" / "n.jsonl"
+    outbox = Outbox(client, experiment_id=experiment, spill_path=spill, spill_after=100)
+    ref = _create(outbox, "k", experiment)
+    assert outbox.wait_for_run(ref, timeout=60) is not None
+    other = client.create_run(experiment).info.run_id
+    outbox.put(_Op("batch", other, metrics=[Metric("train_loss", 1.0, 0, 0)]))
+    assert client.in_flight.wait(30)  # the sender is held: what follows spills
+    outbox.put(_Op("batch", ref, metrics=[Metric("train_loss", 0.5, 0, s) for s in range(200)]))
+    names = {json.loads(line)["run"] for line in spill.read_text().splitlines()}
+    assert names == {ref}
+    client.gate.set()
+    delivery = outbox.close()
+    assert delivery.points_sent == 201 and delivery.kept == 0
+    history = client.get_metric_history(outbox.sender.resolve(ref), "train_loss")
+    assert len(history) == 200
 
 
 def test_a_full_request_goes_at_once_and_a_small_one_lingers(mlflow_server):

@@ -84,7 +84,7 @@ class TrialSpec:
 class TrainingConfig:
     """The budget of every trial: ``steps`` optimiser updates of ``batch_size`` examples, an
     evaluation every ``eval_every`` updates (and after the last), a curve point every
-    ``log_every`` updates (and at the last)."""
+    ``log_every`` updates (and at the last of all ``steps``)."""
 
     steps: int
     batch_size: int
@@ -518,7 +518,8 @@ def _decide(
         steps = np.arange(last - n, last)
         slot_losses, slot_lrs = losses[slot], lrs[slot]
         finite = np.isfinite(slot_losses)
-        # every log_every-th update, and the last one, so that each curve reaches its end
+        # every log_every-th update, and the last one, so that a finished trial's curve ends
+        # where it did (a pruned trial's ends at its last log_every-th update)
         keep = (steps % config.log_every == 0) | (steps == config.steps - 1)
         if not finite.all():
             bad = int(np.argmin(finite))
