@@ -333,9 +333,20 @@ def test_a_stop_during_a_report_still_ends_the_trials_that_ended_before_it():
     assert list(hooks.ends) == [0] and hooks.ends[0].state == "complete"
 
 
-def test_a_pack_shrinks_to_its_last_trials_and_their_curves_stay_the_same(monkeypatch):
+CUDA = pytest.param(
+    "cuda",
+    marks=[
+        pytest.mark.gpu,
+        pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+    ],
+)
+
+
+@pytest.mark.parametrize("device", ["cpu", CUDA])
+def test_a_pack_shrinks_to_its_last_trials_and_their_curves_stay_the_same(device, monkeypatch):
     """Eight trials in a pack of 8; six stop at step 10 and none is left to start, so the last
-    two go on in a pack of 2, from where they were, as if they had trained alone."""
+    two go on in a pack of 2, from where they were, as if they had trained alone (on CUDA, the
+    smaller pack captures its own graph)."""
     from service.training import trainer
 
     loss, shape, data = CASES["softmax_cross_entropy"]
@@ -362,10 +373,12 @@ def test_a_pack_shrinks_to_its_last_trials_and_their_curves_stay_the_same(monkey
                 raise RuntimeError("stopped")
 
     hooks = StopMost(trials, key=None, step=None)
-    train(shape, loss, data, CONFIG, hooks, pack_size=8)
+    train(shape, loss, data, CONFIG, hooks, pack_size=8, device=device)
     assert sizes == [(8, 2)]
     for key in (3, 6):
-        (alone,) = train_trials(shape, loss, data, CONFIG, [trials[key]], pack_size=1)
+        (alone,) = train_trials(
+            shape, loss, data, CONFIG, [trials[key]], pack_size=1, device=device
+        )
         steps, losses = map(list, zip(*hooks.curves[key], strict=True))
         assert steps == alone.steps == list(range(CONFIG.steps))
         np.testing.assert_allclose(losses, alone.train_loss, rtol=1e-5, atol=1e-6)
