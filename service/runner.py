@@ -73,7 +73,6 @@ class Progress:
     best_value: float | None
     trial_number: int
     state: str
-    tracking_waiting: int = 0  # curve points logged but not yet taken by the MLflow server
 
 
 @dataclass
@@ -362,10 +361,7 @@ class _StudyHooks:
             self.best_value = value
         if self.on_progress is not None:
             done = sum(self.counts.values())
-            waiting = self.tracker.outbox.waiting_points
-            self.on_progress(
-                Progress(done, self.target, self.best_value, trial.number, state, waiting)
-            )
+            self.on_progress(Progress(done, self.target, self.best_value, trial.number, state))
 
     def _tell(self, trial: optuna.Trial, **outcome: Any) -> FrozenTrial:
         """Tell Optuna; a trial already failed by another worker (its heartbeats were late)

@@ -182,6 +182,13 @@ class _Sender:
     def resolve(self, ref: str) -> str | None:
         return self.runs.get(ref) if ref.startswith(_PENDING) else ref
 
+    def attempt(self, op: _Op) -> int | Exception:
+        """:meth:`send`, with its error returned rather than raised (for a pool's map)."""
+        try:
+            return self.send(op)
+        except Exception as exc:
+            return exc
+
     def send(self, op: _Op) -> int:
         """Deliver ``op``; returns the points it carried. Safe to repeat: MLflow keeps one
         copy of a point sent twice, and a late run is looked up by its key before it is made."""
@@ -477,16 +484,9 @@ class Outbox:
 
     def _send(self, group: list[_Op]) -> list[int | Exception]:
         """Send a group of ops (each for a different run) at once; each op's points, or error."""
-
-        def attempt(op: _Op) -> int | Exception:
-            try:
-                return self.sender.send(op)
-            except Exception as exc:
-                return exc
-
         if len(group) == 1:
-            return [attempt(group[0])]
-        return list(self._pool.map(attempt, group))
+            return [self.sender.attempt(group[0])]
+        return list(self._pool.map(self.sender.attempt, group))
 
     def _next(self) -> tuple[list[_Op], bool]:
         """The ops to send next, and whether they came from the early queue (read back from
@@ -700,18 +700,11 @@ def _deliver_file(sender: _Sender, path: Path, total: Delivery) -> None:
     waiting = deque(
         _Op.from_json(line) for line in path.read_text(encoding="utf-8").splitlines() if line
     )
-
-    def attempt(op: _Op) -> int | Exception:
-        try:
-            return sender.send(op)
-        except Exception as exc:
-            return exc
-
     with ThreadPoolExecutor(IN_FLIGHT, thread_name_prefix="mlflow-sync") as pool:
         while waiting:
             group, waiting = _group(waiting, name=lambda run: sender.resolve(run) or run)
             failed = []
-            for op, outcome in zip(group, pool.map(attempt, group), strict=True):
+            for op, outcome in zip(group, pool.map(sender.attempt, group), strict=True):
                 if isinstance(outcome, int):
                     total.points_sent += outcome
                     total.requests += 1

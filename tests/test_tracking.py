@@ -127,25 +127,27 @@ def test_several_runs_are_sent_at_once_each_in_its_own_order(mlflow_server):
         assert client.get_run(run).info.status == "FINISHED"
 
 
-class HangingClient(SlowClient):
-    """Its first log_batch hangs until ``gate`` is set, then fails as a dropped connection."""
+class GatedClient(SlowClient):
+    """Its first log_batch waits for ``gate`` (a server that stalls), then goes through or,
+    with ``fail``, fails as a dropped connection."""
 
-    def __init__(self, uri):
+    def __init__(self, uri, *, fail=False):
         super().__init__(uri)
-        self.in_flight, self.gate = threading.Event(), threading.Event()
+        self.in_flight, self.gate, self.fail = threading.Event(), threading.Event(), fail
 
     def log_batch(self, run_id, metrics=(), params=(), tags=(), **kwargs):
         if not self.in_flight.is_set():
             self.in_flight.set()
             self.gate.wait()
-            raise requests.ConnectionError("connection reset")
+            if self.fail:
+                raise requests.ConnectionError("connection reset")
         return super().log_batch(run_id, metrics=metrics, params=params, tags=tags, **kwargs)
 
 
 def test_a_hanging_request_spills_and_the_file_drains_like_memory(mlflow_server, tmp_path):
     """While a request hangs, memory still spills past ``spill_after``; the request that then
     fails goes ahead of the file, and the file is read back several runs at a time, merged."""
-    client = HangingClient(mlflow_server.url)
+    client = GatedClient(mlflow_server.url, fail=True)
     experiment = client.create_experiment("outbox-spill-drain")
     runs = [client.create_run(experiment).info.run_id for _ in range(6)]
     spill = tmp_path / "outbox" / "s.jsonl"
@@ -173,20 +175,6 @@ def test_a_hanging_request_spills_and_the_file_drains_like_memory(mlflow_server,
         assert calls[-1] == "set_terminated" and calls.count("set_terminated") == 1
         steps = sorted(m.step for m in client.get_metric_history(run, "train_loss"))
         assert steps == [*range(800)] + ([10_000] if run == runs[0] else [])
-
-
-class GatedClient(RecordingClient):
-    """Its first log_batch waits for ``gate`` (a server that stalls), then goes through."""
-
-    def __init__(self, uri):
-        super().__init__(uri)
-        self.in_flight, self.gate = threading.Event(), threading.Event()
-
-    def log_batch(self, run_id, metrics=(), params=(), tags=(), **kwargs):
-        if not self.in_flight.is_set():
-            self.in_flight.set()
-            self.gate.wait()
-        return super().log_batch(run_id, metrics=metrics, params=params, tags=tags, **kwargs)
 
 
 def test_the_backlog_says_when_the_server_sets_the_pace_and_clears(mlflow_server):
