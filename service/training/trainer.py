@@ -489,14 +489,11 @@ def _report(pack: _Pack, hooks: PackHooks, due: Sequence[int], config: TrainingC
     outcomes: dict[int, TrialOutcome] = {}
     try:
         _decide(pack, hooks, due, config, outcomes)
-    except BaseException:
-        # A hook stopped the run (Ctrl-C): the trials that ended before it are still told, so
-        # their results are kept instead of being failed and trained again.
+    finally:
+        # also when a hook stopped the run (Ctrl-C): the trials that ended before it are told,
+        # so their results are kept instead of being failed and trained again
         for outcome in outcomes.values():
             hooks.on_trial_end(outcome)
-        raise
-    for outcome in outcomes.values():
-        hooks.on_trial_end(outcome)
     return list(outcomes)
 
 
