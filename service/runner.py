@@ -33,6 +33,7 @@ from service.studies import (
     open_storage,
     open_study_for,
     safe_url,
+    shared_reads,
 )
 from service.tracking import Backlog, Delivery, StudyTracker, connect
 from service.training import (
@@ -281,6 +282,11 @@ class _StudyHooks:
     def next_trial(self) -> TrialSpec | None:
         self.check_stop()
         self.reap()
+        # the budget check, the ask and the sampler read the same trials: one query serves them
+        with shared_reads(self.storage):
+            return self._start_trial()
+
+    def _start_trial(self) -> TrialSpec | None:
         trial = self._claim()
         if trial is None:
             return None
