@@ -46,7 +46,7 @@ from service.training import (
     train,
 )
 from service.training.packing import SEARCH_ROUNDS, choose_pack_size
-from service.workers import Heartbeat, claimed, requeue, stale_trials, study_lock
+from service.workers import Heartbeat, claim_trial, claimed, has_room, requeue, stale_trials
 
 __all__ = [
     "Progress",
@@ -213,22 +213,8 @@ class _StudyHooks:
         self.linked: set[int] = set()  # trials whose run on_run_created recorded
 
     # -- the budget ------------------------------------------------------------------------------
-    def _claimable(self, trials: list[FrozenTrial]) -> bool:
-        waiting = any(t.state == TrialState.WAITING for t in trials)
-        return waiting or claimed(trials) < self.target
-
     def _claim(self) -> optuna.Trial | None:
-        def claim() -> optuna.Trial | None:
-            with study_lock(self.storage, self.study.study_name):
-                if not self._claimable(self.study.get_trials(deepcopy=False)):
-                    return None
-                with warnings.catch_warnings():
-                    # Optuna drives heartbeats only in optimize(); this worker drives its own
-                    warnings.filterwarnings("ignore", "Heartbeat of storage", UserWarning)
-                    return self.study.ask()
-
-        # only the check and the ask are tried again: a trial once asked is this worker's
-        trial = retry_transient(claim, seconds=self.storage.retry_seconds, what="taking a trial")
+        trial = claim_trial(self.study, self.storage, target=self.target)
         if trial is not None:
             try:
                 self.heartbeat.add(trial._trial_id)
@@ -264,7 +250,7 @@ class _StudyHooks:
         while True:
             self.reap(force=True)
             trials = self.study.get_trials(deepcopy=False)
-            if self._claimable(trials):
+            if has_room(trials, self.target):
                 return True
             running = [t for t in trials if t.state == TrialState.RUNNING]
             if not running:

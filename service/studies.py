@@ -8,7 +8,7 @@ import secrets
 import threading
 import warnings
 from collections import Counter
-from collections.abc import Callable, Container, Iterator, Mapping
+from collections.abc import Callable, Container, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,6 +30,7 @@ __all__ = [
     "ATTR_FINGERPRINT",
     "ATTR_TARGET",
     "RetryingRDBStorage",
+    "SharedReads",
     "StudySummary",
     "best_summary",
     "load_study",
@@ -67,14 +68,21 @@ class RetryingRDBStorage(optuna.storages.RDBStorage):
     retry_seconds: float = 60.0
 
 
-_scope = threading.local()  # the thread's active shared-reads block, if any
+_blocks = threading.local()  # .open: the thread's shared-reads blocks, by id of their storage
+
+
+def _open_blocks() -> dict[int, SharedReads]:
+    if not hasattr(_blocks, "open"):
+        _blocks.open = {}
+    return _blocks.open
 
 
 @contextlib.contextmanager
-def shared_reads(storage: optuna.storages.BaseStorage) -> Iterator[None]:
+def shared_reads(storage: optuna.storages.BaseStorage) -> Iterator[SharedReads]:
     """Within the block, this thread's reads of a study's trials from ``storage`` (one of
     :func:`open_storage`'s; for others the block does nothing) are answered from the last such
-    read until this thread writes to the storage.
+    read until this thread writes to the storage or calls the block's
+    :meth:`SharedReads.forget`. A block inside another for the same storage is the same block.
 
     Optuna's cache re-reads every unfinished trial at each read, and one ask with TPE reads
     four times (the budget check, the queue of waiting trials, the search space, the sampler):
@@ -82,24 +90,31 @@ def shared_reads(storage: optuna.storages.BaseStorage) -> Iterator[None]:
     during the block are seen at its next write or after it, as if its reads had come a few
     milliseconds earlier; the block's first read is always fresh."""
     if not isinstance(storage, RetryingRDBStorage):
-        yield
+        yield SharedReads()
         return
-    outer = getattr(_scope, "reads", None)
-    _scope.reads = _SharedReads(storage)
+    open_blocks = _open_blocks()
+    if id(storage) in open_blocks:
+        yield open_blocks[id(storage)]
+        return
+    open_blocks[id(storage)] = reads = SharedReads()
     try:
-        yield
+        yield reads
     finally:
-        _scope.reads = outer
+        del open_blocks[id(storage)]
 
 
-class _SharedReads:
+class SharedReads:
     """One thread's last read of one study's trials, inside :func:`shared_reads`."""
 
-    def __init__(self, storage: RetryingRDBStorage) -> None:
-        self.storage = storage
+    def __init__(self) -> None:
         self.last: tuple[int, frozenset[int], int, list[FrozenTrial]] | None = None
 
-    def answer(self, study_id: int, included: Container[int], greater_than: int) -> list | None:
+    def forget(self) -> None:
+        """The next read goes to the database (as a check that must see other workers' latest
+        writes does)."""
+        self.last = None
+
+    def answer(self, study_id: int, included: Iterable[int], greater_than: int) -> list | None:
         """The trials a query for ``included`` ids and ids above ``greater_than`` would return
         (Optuna's ``_get_trials``), when the last read covers them; else None."""
         if self.last is None:
@@ -113,9 +128,8 @@ class _SharedReads:
         return [t for t in trials if t._trial_id > greater_than or t._trial_id in wanted]
 
 
-def _scope_of(storage: RetryingRDBStorage) -> _SharedReads | None:
-    reads = getattr(_scope, "reads", None)
-    return reads if reads is not None and reads.storage is storage else None
+def _block_of(storage: RetryingRDBStorage) -> SharedReads | None:
+    return _open_blocks().get(id(storage))
 
 
 def _retrying(name: str) -> Callable[..., Any]:
@@ -130,19 +144,19 @@ def _retrying(name: str) -> Callable[..., Any]:
     return call
 
 
-def _forgetting(name: str, call: Callable[..., Any]) -> Callable[..., Any]:
+def _forgetting(call: Callable[..., Any]) -> Callable[..., Any]:
     """A write: it ends what the thread's shared-reads block remembers, before and after."""
 
     @functools.wraps(call)
     def write(self: RetryingRDBStorage, *args: Any, **kwargs: Any) -> Any:
-        reads = _scope_of(self)
+        reads = _block_of(self)
         if reads is not None:
-            reads.last = None
+            reads.forget()
         try:
             return call(self, *args, **kwargs)
         finally:
             if reads is not None:
-                reads.last = None
+                reads.forget()
 
     return write
 
@@ -158,7 +172,7 @@ def _sharing(call: Callable[..., Any]) -> Callable[..., Any]:
         included_trial_ids: set[int],
         trial_id_greater_than: int,
     ) -> list[FrozenTrial]:
-        reads = _scope_of(self)
+        reads = _block_of(self)
         if reads is None or states is not None:
             return call(self, study_id, states, included_trial_ids, trial_id_greater_than)
         found = reads.answer(study_id, included_trial_ids, trial_id_greater_than)
@@ -202,7 +216,7 @@ _WRITES = {"_set_trial_param"} | {
 for _name in _STORAGE_CALLS:
     setattr(RetryingRDBStorage, _name, _retrying(_name))
 for _name in sorted(_WRITES):
-    setattr(RetryingRDBStorage, _name, _forgetting(_name, getattr(RetryingRDBStorage, _name)))
+    setattr(RetryingRDBStorage, _name, _forgetting(getattr(RetryingRDBStorage, _name)))
 RetryingRDBStorage._get_trials = _sharing(RetryingRDBStorage._get_trials)  # type: ignore[method-assign]
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import fcntl
 import logging
 import threading
+import warnings
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 
@@ -14,10 +15,15 @@ import optuna
 import sqlalchemy
 from optuna.trial import FrozenTrial, TrialState
 
+from service.retry import retry_transient
+from service.studies import RetryingRDBStorage, shared_reads
+
 __all__ = [
     "MAX_RETRIES",
     "Heartbeat",
+    "claim_trial",
     "claimed",
+    "has_room",
     "is_retry",
     "requeue",
     "stale_trials",
@@ -42,6 +48,37 @@ def claimed(trials: Iterable[FrozenTrial]) -> int:
     """How much of the study's trial budget is taken: every trial except the retries (the
     trial a retry replaces keeps its place)."""
     return sum(not is_retry(t) for t in trials)
+
+
+def has_room(trials: Iterable[FrozenTrial], target: int) -> bool:
+    """Whether a worker may take a trial: one is queued, or the budget of ``target`` trials is
+    not all taken."""
+    trials = list(trials)
+    return any(t.state == TrialState.WAITING for t in trials) or claimed(trials) < target
+
+
+def claim_trial(
+    study: optuna.Study, storage: RetryingRDBStorage, *, target: int
+) -> optuna.Trial | None:
+    """A new trial of ``study`` (Optuna's ask; a queued one first), or None when the budget of
+    ``target`` trials is taken and none is queued. The check and the ask hold the study's lock,
+    so workers together never take more than the budget. Both are tried again while the
+    database is briefly away, and each try reads the study afresh, inside a
+    :func:`~service.studies.shared_reads` block too: a try that failed after its check must not
+    count from what it read before other workers took their trials."""
+
+    def attempt() -> optuna.Trial | None:
+        with study_lock(storage, study.study_name), shared_reads(storage) as reads:
+            reads.forget()
+            if not has_room(study.get_trials(deepcopy=False), target):
+                return None
+            with warnings.catch_warnings():
+                # Optuna drives heartbeats only in optimize(); this worker drives its own
+                warnings.filterwarnings("ignore", "Heartbeat of storage", UserWarning)
+                return study.ask()
+
+    # only the check and the ask are tried again: a trial once asked is this worker's
+    return retry_transient(attempt, seconds=storage.retry_seconds, what="taking a trial")
 
 
 def requeue(study: optuna.Study, trial: FrozenTrial) -> bool:

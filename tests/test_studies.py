@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import threading
 
 import optuna
@@ -10,7 +11,8 @@ import pytest
 import sqlalchemy
 from optuna.trial import TrialState
 
-from service.studies import open_storage, shared_reads
+from service.studies import RetryingRDBStorage, open_storage, shared_reads
+from service.workers import claim_trial, claimed
 
 RUNNING = 8  # trials side by side, as in a pack
 
@@ -79,6 +81,52 @@ def test_shared_reads_give_the_sampler_what_fresh_reads_give(storage_url):
     assert fresh_reads >= 3 * shared_reads_count
 
 
+def trial_view(trials) -> list[tuple]:
+    return [
+        (t._trial_id, t.number, t.state, t.params, t.intermediate_values, t.user_attrs)
+        for t in trials
+    ]
+
+
+def test_shared_answers_are_what_the_database_returns(storage_url):
+    """Optuna's _get_trials, asked for various unfinished ids and lower bounds (as its cache
+    does) inside a block after one read of all trials: each answer equals a fresh query."""
+    mine, fresh = open_storage(storage_url), open_storage(storage_url)
+    studies = [optuna.create_study(study_name=n, storage=mine) for n in ("a", "b")]
+    for study in studies:
+        for number in range(6):
+            trial = study.ask()
+            trial.suggest_float("x", 0, 1)
+            trial.report(number / 10, step=1)
+            if number % 3 == 0:
+                study.tell(trial, number)
+            elif number % 3 == 1:
+                study.tell(trial, state=TrialState.PRUNED)
+        study.enqueue_trial({"x": 0.5})
+    ids = {s.study_name: [t._trial_id for t in s.get_trials()] for s in studies}
+    a, b = (mine.get_study_id_from_name(n) for n in ("a", "b"))
+    first, last = ids["a"][0], ids["a"][-1]
+    blocks = [  # each a block's reads: (study id, unfinished ids, lower bound)
+        [
+            (a, set(), -1),  # every trial of a
+            (a, {first + 1, first + 2}, first + 3),
+            (a, set(), first + 4),
+            (a, {first + 2, last + 5}, first + 2),  # an id above the bound is read by the bound
+            (b, set(), -1),  # another study
+            (a, {first + 1}, last + 10),
+        ],
+        [(a, {first + 1}, first + 3), (a, set(), first)],  # a lower bound than the first read's
+        [(a, {first + 1}, first + 3), (a, {first + 2}, first + 3)],  # an id it did not read
+        [(a, {first + 1, first + 2}, first + 3), (a, {first + 2}, first + 4), (a, {first}, -1)],
+    ]
+    for reads in blocks:
+        with shared_reads(mine):
+            for study_id, unfinished, bound in reads:
+                assert trial_view(mine._get_trials(study_id, None, unfinished, bound)) == (
+                    trial_view(fresh._get_trials(study_id, None, unfinished, bound))
+                ), (study_id, unfinished, bound)
+
+
 def test_a_write_ends_the_shared_reads_and_other_threads_read_fresh(storage_url):
     mine, other = open_storage(storage_url), open_storage(storage_url)  # other: another worker
     study = optuna.create_study(study_name="s", storage=mine)
@@ -88,7 +136,7 @@ def test_a_write_ends_the_shared_reads_and_other_threads_read_fresh(storage_url)
         return study.get_trials(deepcopy=False)[0].user_attrs
 
     seen_by_a_thread: list[dict] = []
-    with shared_reads(mine):
+    with shared_reads(mine) as reads:
         assert attrs() == {}  # the block's first read: fresh
         other.set_trial_user_attr(first._trial_id, "by", "another worker")
         assert attrs() == {}  # no write here since: answered from that read
@@ -99,5 +147,111 @@ def test_a_write_ends_the_shared_reads_and_other_threads_read_fresh(storage_url)
         assert attrs() == {"by": "another worker", "mine": 1}
         other.set_trial_user_attr(first._trial_id, "later", True)
         assert "later" not in attrs()
-    assert attrs()["later"] is True  # outside the block every read is fresh
+        reads.forget()
+        assert attrs()["later"] is True
+        other.set_trial_user_attr(first._trial_id, "last", True)
+    assert attrs()["last"] is True  # outside the block every read is fresh
     assert seen_by_a_thread == [{"by": "another worker"}]
+
+
+WRITES = {
+    "report": lambda study, trial: trial.report(0.5, step=3),
+    "tell": lambda study, trial: study.tell(trial, 1.0),
+    "prune": lambda study, trial: study.tell(trial, state=TrialState.PRUNED),
+    "user attribute": lambda study, trial: trial.set_user_attr("k", 1),
+    "system attribute": lambda study, trial: study._storage.set_trial_system_attr(
+        trial._trial_id, "k", 1
+    ),
+    "param": lambda study, trial: trial.suggest_float("y", 0, 1),
+    "enqueue": lambda study, trial: study.enqueue_trial({"x": 0.25}),
+    "ask": lambda study, trial: study.ask(),
+}
+
+
+def seeded() -> optuna.samplers.BaseSampler:
+    return optuna.samplers.RandomSampler(seed=0)
+
+
+@pytest.mark.parametrize("write", WRITES)
+def test_each_write_of_the_thread_is_seen_by_its_next_read(storage_url, write):
+    storage = open_storage(storage_url)
+    study = optuna.create_study(study_name="s", storage=storage, sampler=seeded())
+    trial = study.ask()
+    trial.suggest_float("x", 0, 1)
+    reference = optuna.create_study(
+        study_name="r", storage=open_storage(storage_url), sampler=seeded()
+    )
+    twin = reference.ask()
+    twin.suggest_float("x", 0, 1)
+    with shared_reads(storage):
+        study.get_trials(deepcopy=False)
+        WRITES[write](study, trial)
+        seen = study.get_trials(deepcopy=False)
+    WRITES[write](reference, twin)  # the same write, read with no block
+    expected = reference.get_trials(deepcopy=False)
+    assert [(t.number, t.state, t.params, t.intermediate_values, t.user_attrs) for t in seen] == [
+        (t.number, t.state, t.params, t.intermediate_values, t.user_attrs) for t in expected
+    ]
+
+
+def test_a_block_inside_another_for_the_same_storage_is_the_same_block(storage_url):
+    mine, theirs = open_storage(storage_url), open_storage(storage_url)
+    study = optuna.create_study(study_name="s", storage=mine)
+    other_study = optuna.create_study(study_name="t", storage=theirs)
+    trial, other_trial = study.ask(), other_study.ask()
+    with shared_reads(mine) as outer:
+        assert study.get_trials(deepcopy=False)[0].state == TrialState.RUNNING
+        with shared_reads(mine) as inner, shared_reads(theirs):
+            assert inner is outer
+            study.tell(trial, 1.0)
+            other_study.tell(other_trial, 2.0)
+        assert study.get_trials(deepcopy=False)[0].state == TrialState.COMPLETE
+        assert other_study.get_trials(deepcopy=False)[0].state == TrialState.COMPLETE
+
+
+class RetriedCheck(logging.Handler):
+    """When the claim's try fails and is about to be tried again (its lock released), another
+    worker takes the study's last place."""
+
+    def __init__(self, take) -> None:
+        super().__init__(logging.WARNING)
+        self.take, self.taken = take, []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if "taking a trial failed" in record.getMessage():
+            self.taken.append(self.take())
+
+
+class FailingAsk(RetryingRDBStorage):
+    """A real storage whose first ask loses its connection after the budget check."""
+
+    failures = 1
+
+    def _create_new_trial(self, study_id, template_trial=None):
+        if self.failures:
+            self.failures -= 1
+            lost = Exception("server closed the connection unexpectedly")
+            cause = sqlalchemy.exc.OperationalError("INSERT INTO trials", {}, lost)
+            raise optuna.exceptions.StorageInternalError("lost") from cause
+        return super()._create_new_trial(study_id, template_trial)
+
+
+def test_a_retried_claim_counts_what_other_workers_took_meanwhile(storage_url):
+    """Two workers, a budget of 2 with one taken; the first worker's ask fails once after its
+    check, and the second takes the last place before the first tries again, which then must
+    find the budget taken, also inside a block that started trials as the runner does."""
+    mine, theirs = FailingAsk(storage_url), open_storage(storage_url)
+    study = optuna.create_study(study_name="s", storage=mine)
+    other = optuna.load_study(study_name="s", storage=theirs)
+    mine.failures = 0
+    study.ask()
+    mine.failures = 1
+    handler = RetriedCheck(lambda: claim_trial(other, theirs, target=2))
+    logging.getLogger("service.retry").addHandler(handler)
+    try:
+        with shared_reads(mine):
+            assert claim_trial(study, mine, target=2) is None
+    finally:
+        logging.getLogger("service.retry").removeHandler(handler)
+    assert [t is not None for t in handler.taken] == [True]
+    assert claimed(other.get_trials()) == 2
