@@ -12,6 +12,8 @@
 #                                             # the pack sweep ~1, the end-to-end benchmark ~5)
 #     QUICK=1 bash benchmarks/gpu_check.sh    # seconds; also works without a GPU (the full
 #                                             # run fails at once without one)
+#     SCALE=256 bash benchmarks/gpu_check.sh  # the end-to-end benchmark adds a 256-trial study
+#                                             # (throughput.py --scale; about 2 more minutes)
 #
 # Everything goes to stdout; when $OUT is set, a copy goes to $OUT/gpu_check.log.
 set -u -o pipefail
@@ -102,7 +104,10 @@ if [ -n "$E2E" ]; then
     if [ -n "${QUICK:-}" ]; then
         "$PY" benchmarks/throughput.py --trials 4 --steps 50 || status=1
     else
-        "$PY" benchmarks/throughput.py --trials ${TRIALS:-24} --steps ${STEPS:-400} || status=1
+        # SCALE=N adds `hpo run --pack auto` on N trials against the same server (throughput.py
+        # --scale; about 75 s for 256 trials with curves on and off on an H200)
+        "$PY" benchmarks/throughput.py --trials "${TRIALS:-24}" --steps "${STEPS:-400}" \
+            ${SCALE:+--scale "$SCALE"} || status=1
     fi
 fi
 

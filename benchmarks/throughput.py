@@ -14,6 +14,12 @@ Prints trials per minute and the ratios, the wall time spent logging, each comma
 memory (RSS; and GPU memory on CUDA), and the best objective each reached.
 
     .venv/bin/python benchmarks/throughput.py [--trials 24] [--steps 400] [--experiment FILE]
+        [--scale N]
+
+``--scale N`` adds a larger study of ``hpo run --pack auto`` (curves on, then off), where the
+start-up and end-of-study costs weigh less; the baseline is not run at that size (at its rate
+per trial it would take N/--trials times as long), so its trials/min from the smaller study
+stand for it.
 """
 
 from __future__ import annotations
@@ -226,6 +232,14 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=24)
     parser.add_argument("--steps", type=int, default=400)
     parser.add_argument("--baseline-only", nargs=3, metavar=("EXP", "TRACKING", "STORAGE"))
+    parser.add_argument(
+        "--scale",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also run `hpo run --pack auto` on N trials (curves on, then off) against the same "
+        "server; compared with the baseline's trials/min from its --trials trials",
+    )
     args = parser.parse_args()
     if args.baseline_only:
         exp, tracking, storage = args.baseline_only
@@ -250,12 +264,12 @@ def main() -> None:
         env["COLUMNS"] = "200"
         results: list[Result] = []
 
-        def hpo(name: str, pack: str, *, curves: bool) -> Result:
+        def hpo(name: str, pack: str, *, curves: bool, trials: int = args.trials) -> Result:
             home = root / name
             run_env = dict(env, HPO_HOME=str(home), HPO_LOG_CURVES=str(curves).lower())
             command = [
                 "service.cli", "run", str(experiment_path), "--study", name,
-                "--trials", str(args.trials), "--tracking-uri", url, "--pack", pack,
+                "--trials", str(trials), "--tracking-uri", url, "--pack", pack,
             ]  # fmt: skip
             seconds, out, rss, gpu = timed(command, run_env)
             sending = re.search(r"([\d.]+)s sending", out)
@@ -285,6 +299,10 @@ def main() -> None:
             results.append(hpo("pack-auto", "auto", curves=True))
             quiet_1 = hpo("pack-1-no-curves", "1", curves=False)
             quiet_auto = hpo("pack-auto-no-curves", "auto", curves=False)
+            scaled = []
+            if args.scale:
+                scaled.append(hpo("scale", "auto", curves=True, trials=args.scale))
+                scaled.append(hpo("scale-no-curves", "auto", curves=False, trials=args.scale))
             points = args.trials * args.steps * 2  # train_loss and lr at every step
             rate = ingest_rate(url, points)
         finally:
@@ -339,6 +357,21 @@ def main() -> None:
         f"{summary['auto_over_max_of_no_curves_and_ingest']:.2f}x the larger of that and "
         f"its curves-off time ({quiet_auto.seconds:.1f}s)"
     )
+    if scaled:
+        base_rate = args.trials / base.seconds * 60
+        print(
+            f"\n  a larger study: {args.scale} trials x {args.steps} steps, same server (no "
+            f"baseline at this size; its {base_rate:.2f} trials/min are from its {args.trials} "
+            "trials above)"
+        )
+        for r, label in zip(scaled, ("curves on", "curves off"), strict=True):
+            rate_min = args.scale / r.seconds * 60
+            summary[f"scale_{label.replace(' ', '_')}_over_baseline_rate"] = rate_min / base_rate
+            print(
+                f"  {'hpo run --pack auto, ' + label:<62} {r.pack:>5} {r.seconds:8.1f} "
+                f"{rate_min:10.2f} = {rate_min / base_rate:.1f}x the baseline's trials/min; "
+                f"RSS {r.rss / 2**20:.0f} MiB, GPU {r.gpu / 2**20:.0f} MiB, best {r.best:.4f}"
+            )
     print(json.dumps(summary))
 
 
