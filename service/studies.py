@@ -114,6 +114,16 @@ class SharedReads:
         writes does)."""
         self.last = None
 
+    def remember(
+        self,
+        study_id: int,
+        included: Iterable[int],
+        greater_than: int,
+        trials: list[FrozenTrial],
+    ) -> None:
+        """Keep what a query (Optuna's ``_get_trials``) returned, for the reads after it."""
+        self.last = (study_id, _read_ids(included, greater_than), greater_than, trials)
+
     def answer(self, study_id: int, included: Iterable[int], greater_than: int) -> list | None:
         """The trials a query for ``included`` ids and ids above ``greater_than`` would return
         (Optuna's ``_get_trials``), when the last read covers them; else None."""
@@ -122,10 +132,16 @@ class SharedReads:
         last_study, last_included, last_greater, trials = self.last
         if study_id != last_study or greater_than < last_greater:
             return None
-        wanted = {i for i in included if i <= greater_than}  # as _get_trials reads them
+        wanted = _read_ids(included, greater_than)
         if not all(i in last_included or i > last_greater for i in wanted):
             return None
         return [t for t in trials if t._trial_id > greater_than or t._trial_id in wanted]
+
+
+def _read_ids(included: Iterable[int], greater_than: int) -> frozenset[int]:
+    """The listed ids that a ``_get_trials`` query reads as listed (the rest it reads through
+    its lower bound)."""
+    return frozenset(i for i in included if i <= greater_than)
 
 
 def _block_of(storage: RetryingRDBStorage) -> SharedReads | None:
@@ -179,8 +195,7 @@ def _sharing(call: Callable[..., Any]) -> Callable[..., Any]:
         if found is not None:
             return found
         trials = call(self, study_id, states, included_trial_ids, trial_id_greater_than)
-        included = frozenset(i for i in included_trial_ids if i <= trial_id_greater_than)
-        reads.last = (study_id, included, trial_id_greater_than, trials)
+        reads.remember(study_id, included_trial_ids, trial_id_greater_than, trials)
         return trials
 
     return read
