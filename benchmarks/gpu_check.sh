@@ -13,7 +13,9 @@
 #     QUICK=1 bash benchmarks/gpu_check.sh    # seconds; also works without a GPU (the full
 #                                             # run fails at once without one)
 #     SCALE=256 bash benchmarks/gpu_check.sh  # the end-to-end benchmark adds a 256-trial study
-#                                             # (throughput.py --scale; about 2 more minutes)
+#                                             # (throughput.py --scale; about 2 more minutes);
+#                                             # SCALE_PACKS=auto,64 runs it at pack 64 too
+#     ONLY_E2E=1 TRIALS=8 SCALE=512 ...       # the GPU tests and the end-to-end benchmark only
 #
 # Everything goes to stdout; when $OUT is set, a copy goes to $OUT/gpu_check.log.
 set -u -o pipefail
@@ -107,7 +109,7 @@ if [ -n "$E2E" ]; then
         # SCALE=N adds `hpo run --pack auto` on N trials against the same server (throughput.py
         # --scale; about 75 s for 256 trials with curves on and off on an H200)
         "$PY" benchmarks/throughput.py --trials "${TRIALS:-24}" --steps "${STEPS:-400}" \
-            ${SCALE:+--scale "$SCALE"} || status=1
+            ${SCALE:+--scale "$SCALE"} ${SCALE_PACKS:+--scale-packs "$SCALE_PACKS"} || status=1
     fi
 fi
 

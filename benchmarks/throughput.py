@@ -14,12 +14,12 @@ Prints trials per minute and the ratios, the wall time spent logging, each comma
 memory (RSS; and GPU memory on CUDA), and the best objective each reached.
 
     .venv/bin/python benchmarks/throughput.py [--trials 24] [--steps 400] [--experiment FILE]
-        [--scale N]
+        [--scale N [--scale-packs auto,64]]
 
 ``--scale N`` adds a larger study of ``hpo run --pack auto`` (curves on, then off), where the
 start-up and end-of-study costs weigh less; the baseline is not run at that size (at its rate
 per trial it would take N/--trials times as long), so its trials/min from the smaller study
-stand for it.
+stand for it. ``--scale-packs`` runs that study at other pack sizes too (curves on).
 """
 
 from __future__ import annotations
@@ -184,6 +184,7 @@ class Result:
     gpu: int
     best: float | None
     pack: str = ""
+    loop_s: float | None = None  # the study itself, as `hpo run` reports it (no start-up)
 
 
 def timed(command: list[str], env: dict[str, str]) -> tuple[float, str, int, int]:
@@ -240,6 +241,12 @@ def main() -> None:
         help="also run `hpo run --pack auto` on N trials (curves on, then off) against the same "
         "server; compared with the baseline's trials/min from its --trials trials",
     )
+    parser.add_argument(
+        "--scale-packs",
+        default="auto",
+        metavar="K,...",
+        help="pack sizes of the --scale study: curves on for each, curves off for the first",
+    )
     args = parser.parse_args()
     if args.baseline_only:
         exp, tracking, storage = args.baseline_only
@@ -274,6 +281,7 @@ def main() -> None:
             seconds, out, rss, gpu = timed(command, run_env)
             sending = re.search(r"([\d.]+)s sending", out)
             size = re.search(r"(\d+) at a time", out)
+            loop = re.search(r"trials here in ([\d.]+)s", out)
             study = optuna.load_study(study_name=name, storage=f"sqlite:///{home / 'optuna.db'}")
             return Result(
                 name,
@@ -283,6 +291,7 @@ def main() -> None:
                 gpu,
                 best_value(study),
                 size.group(1) if size else "?",
+                float(loop.group(1)) if loop else None,
             )
 
         try:
@@ -299,10 +308,14 @@ def main() -> None:
             results.append(hpo("pack-auto", "auto", curves=True))
             quiet_1 = hpo("pack-1-no-curves", "1", curves=False)
             quiet_auto = hpo("pack-auto-no-curves", "auto", curves=False)
-            scaled = []
-            if args.scale:
-                scaled.append(hpo("scale", "auto", curves=True, trials=args.scale))
-                scaled.append(hpo("scale-no-curves", "auto", curves=False, trials=args.scale))
+            scaled: list[tuple[Result, str]] = []
+            packs = args.scale_packs.split(",") if args.scale else []
+            for n, pack in enumerate(packs):
+                on = hpo(f"scale-{pack}", pack, curves=True, trials=args.scale)
+                scaled.append((on, f"--pack {pack}, curves on"))
+                if n == 0:
+                    off = hpo(f"scale-{pack}-no-curves", pack, curves=False, trials=args.scale)
+                    scaled.append((off, f"--pack {pack}, curves off"))
             points = args.trials * args.steps * 2  # train_loss and lr at every step
             rate = ingest_rate(url, points)
         finally:
@@ -364,12 +377,13 @@ def main() -> None:
             f"baseline at this size; its {base_rate:.2f} trials/min are from its {args.trials} "
             "trials above)"
         )
-        for r, label in zip(scaled, ("curves on", "curves off"), strict=True):
+        for r, label in scaled:
             rate_min = args.scale / r.seconds * 60
-            summary[f"scale_{label.replace(' ', '_')}_over_baseline_rate"] = rate_min / base_rate
+            summary[f"scale {label}: over baseline rate"] = rate_min / base_rate
             print(
-                f"  {'hpo run --pack auto, ' + label:<62} {r.pack:>5} {r.seconds:8.1f} "
+                f"  {'hpo run ' + label:<62} {r.pack:>5} {r.seconds:8.1f} "
                 f"{rate_min:10.2f} = {rate_min / base_rate:.1f}x the baseline's trials/min; "
+                f"study loop {r.loop_s}s; "
                 f"RSS {r.rss / 2**20:.0f} MiB, GPU {r.gpu / 2**20:.0f} MiB, best {r.best:.4f}"
             )
     print(json.dumps(summary))

@@ -5,11 +5,14 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 from typing import IO
 
-__all__ = ["server_command", "start_server", "stop_server"]
+from sqlalchemy.engine import make_url
+
+__all__ = ["server_command", "start_server", "stop_server", "use_wal"]
 
 
 def server_command(
@@ -18,13 +21,34 @@ def server_command(
     host: str = "127.0.0.1",
     port: int = 5000,
     artifacts: str | None = None,
+    workers: int | None = None,
 ) -> list[str]:
     """The ``mlflow server`` command for a backend store; ``artifacts`` is a local folder the
-    server keeps artifacts in and serves (proxied uploads and downloads)."""
+    server keeps artifacts in and serves (proxied uploads and downloads). ``workers``: its
+    processes; None leaves MLflow's default (4), which takes several requests at once (the
+    outbox keeps as many in flight); tests ask for 1 to spare the CPU."""
     command = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", backend_store_uri]
     if artifacts is not None:
         command += ["--artifacts-destination", artifacts]
-    return [*command, "--host", host, "--port", str(port), "--workers", "1"]
+    command += ["--host", host, "--port", str(port)]
+    return command if workers is None else [*command, "--workers", str(workers)]
+
+
+def use_wal(store_uri: str) -> None:
+    """Put a SQLite tracking store (made here when it does not exist yet) in write-ahead-log
+    mode, which the file keeps: a commit then syncs one log instead of a journal and the
+    database, and readers (the UI, `hpo serve`) never wait for a writer. Other stores, and a
+    file another process holds open, are left as they are."""
+    if not store_uri.startswith("sqlite"):
+        return
+    path = make_url(store_uri).database
+    if path in (None, "", ":memory:") or not os.path.isdir(os.path.dirname(path) or "."):
+        return
+    with (
+        contextlib.suppress(sqlite3.Error),
+        contextlib.closing(sqlite3.connect(path, timeout=0.5)) as db,
+    ):
+        db.execute("PRAGMA journal_mode=WAL")
 
 
 def start_server(
@@ -34,6 +58,7 @@ def start_server(
     port: int = 5000,
     artifacts: str | None = None,
     log: IO[str] | None = None,
+    workers: int | None = None,
 ) -> subprocess.Popen:
     """Start the server in a process group of its own: ``mlflow server`` starts children of its
     own (uvicorn, and its job runner), and :func:`stop_server` must reach every one of them.
@@ -43,8 +68,12 @@ def start_server(
     """
     env = dict(os.environ)
     env.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
+    use_wal(backend_store_uri)
+    command = server_command(
+        backend_store_uri, host=host, port=port, artifacts=artifacts, workers=workers
+    )
     return subprocess.Popen(
-        server_command(backend_store_uri, host=host, port=port, artifacts=artifacts),
+        command,
         stdout=log if log is not None else subprocess.DEVNULL,
         stderr=subprocess.STDOUT,
         env=env,

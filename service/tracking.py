@@ -5,15 +5,17 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import importlib.util
 import json
 import logging
 import math
 import os
+import sys
 import threading
 import time
 import uuid
 from collections import Counter, deque
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,12 +23,17 @@ from typing import Any
 
 import numpy as np
 from mlflow.entities import Metric, Param, RunTag
+from mlflow.environment_variables import MLFLOW_ENABLE_ASYNC_LOGGING
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INVALID_STATE
+from mlflow.store.tracking.rest_store import RestStore
 from mlflow.tracking import MlflowClient
+from mlflow.tracking.client import RunOperations
+from mlflow.utils.rest_utils import http_request, verify_rest_response
 
 from service.errors import TrackingError
 from service.links import is_remote
+from service.mlflow_server import use_wal
 
 __all__ = [
     "EXPERIMENT_KIND",
@@ -37,6 +44,7 @@ __all__ = [
     "Delivery",
     "Outbox",
     "StudyTracker",
+    "TrackingClient",
     "connect",
     "deliver_outbox",
     "is_transient",
@@ -59,7 +67,71 @@ EXPERIMENT_KIND = "custom_model_development"
 RUN_STATUS = {"COMPLETE": "FINISHED", "PRUNED": "KILLED", "FAIL": "FAILED"}
 
 
-def connect(tracking_uri: str) -> MlflowClient:
+# MLflow's Databricks request-header provider imports these on every request to a server, to
+# see whether it runs on Databricks; where one is not installed, each failed import searches
+# sys.path again (2.6 ms a request on the H200 host of docs/benchmarks.md, in the threads that
+# share the trainer's interpreter lock).
+_PROBED_BY_MLFLOW = ("dbruntime", "pyspark", "IPython")
+
+
+def _settle_absent_modules() -> None:
+    """Mark the modules that MLflow probes for and that are not installed as absent: with
+    None in ``sys.modules``, Python fails such an import at once (ModuleNotFoundError)."""
+    for name in _PROBED_BY_MLFLOW:
+        if name not in sys.modules and importlib.util.find_spec(name) is None:
+            sys.modules[name] = None  # type: ignore[assignment]
+
+
+# MLflow's REST API: https://mlflow.org/docs/latest/api_reference/rest-api.html#log-batch
+_LOG_BATCH = "/api/2.0/mlflow/runs/log-batch"
+
+
+class TrackingClient(MlflowClient):
+    """MLflow's client, except that a batch of metric points alone (the curves), all finite,
+    goes to a tracking server as the REST API's JSON, built straight from the points.
+
+    MlflowClient copies each point into a new Metric, then a protobuf message, then a dict (and
+    JSON text, read back) before requests writes it: about 25 µs a point on the H200 host of
+    docs/benchmarks.md, in the sender threads that share the trainer's interpreter lock. The
+    request, its headers, credentials and retries, and the reading of its answer are MLflow's
+    own (``http_request``, ``verify_rest_response``); anything else goes through MlflowClient."""
+
+    def log_batch(
+        self,
+        run_id: str,
+        metrics: Sequence[Metric] = (),
+        params: Sequence[Param] = (),
+        tags: Sequence[RunTag] = (),
+        synchronous: bool | None = None,
+    ) -> RunOperations | None:
+        store = self._tracking_client.store
+        if synchronous is None:
+            synchronous = not MLFLOW_ENABLE_ASYNC_LOGGING.get()
+        if (
+            params
+            or tags
+            or not metrics
+            or len(metrics) > MAX_BATCH
+            or not synchronous
+            or not isinstance(store, RestStore)
+            or not all(math.isfinite(m.value) for m in metrics)  # JSON has no NaN or inf
+        ):
+            return super().log_batch(
+                run_id, metrics=metrics, params=params, tags=tags, synchronous=synchronous
+            )
+        body = {
+            "run_id": run_id,
+            "metrics": [
+                {"key": m.key, "value": m.value, "timestamp": m.timestamp, "step": m.step}
+                for m in metrics
+            ],
+        }
+        response = http_request(store.get_host_creds(), _LOG_BATCH, "POST", json=body)
+        verify_rest_response(response, _LOG_BATCH)
+        return None
+
+
+def connect(tracking_uri: str) -> TrackingClient:
     """A client for ``tracking_uri``, checked to answer, so a bad URI fails before any work."""
     # The outbox waits for a server that went away; MLflow's own retries (7, with backoff)
     # would only hold each request for minutes. Users can still set these themselves.
@@ -71,6 +143,7 @@ def connect(tracking_uri: str) -> MlflowClient:
     if is_remote(tracking_uri):
         import requests
 
+        _settle_absent_modules()
         try:
             requests.get(tracking_uri.rstrip("/") + "/health", timeout=10).raise_for_status()
         except requests.RequestException as exc:
@@ -79,7 +152,9 @@ def connect(tracking_uri: str) -> MlflowClient:
                 f"cannot reach the MLflow tracking server at {tracking_uri} ({reason}); "
                 "start it, or drop --tracking-uri/MLFLOW_TRACKING_URI to track into local SQLite"
             ) from None
-    client = MlflowClient(tracking_uri=tracking_uri)
+    else:
+        use_wal(tracking_uri)
+    client = TrackingClient(tracking_uri=tracking_uri)
     try:
         client.search_experiments(max_results=1)
     except Exception as exc:

@@ -1,22 +1,30 @@
 """The MLflow side against a real `mlflow server`: batching, ordering, experiment and runs."""
 
+import importlib.util
 import json
+import math
+import sqlite3
+import sys
 import threading
 import time
 
 import numpy as np
 import pytest
 import requests
-from mlflow.entities import Metric, RunTag
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
+from mlflow.tracking.request_header.registry import resolve_request_headers
 
 from service.errors import TrackingError
+from service.mlflow_server import server_command, use_wal
 from service.tracking import (
     IN_FLIGHT,
     MAX_BATCH,
     Backlog,
     Outbox,
     StudyTracker,
+    TrackingClient,
     _group,
     _Op,
     connect,
@@ -26,7 +34,7 @@ from service.tracking import (
 pytestmark = pytest.mark.e2e
 
 
-class RecordingClient(MlflowClient):
+class RecordingClient(TrackingClient):
     """A real client that also remembers the requests it made, in order."""
 
     def __init__(self, uri):
@@ -395,3 +403,97 @@ def test_a_refused_run_is_reported_at_once_and_its_updates_dropped(mlflow_server
     delivery = outbox.close()
     assert len(delivery.dropped) == 2 and delivery.points_sent == 0
     assert client.calls == []  # no log_batch for it, and no search for its run either
+
+
+def _history(client: MlflowClient, run_id: str, key: str) -> list[tuple[int, float, int]]:
+    return sorted((m.step, m.value, m.timestamp) for m in client.get_metric_history(run_id, key))
+
+
+def test_curves_sent_as_json_read_back_as_mlflows_client_sends_them(mlflow_server):
+    """TrackingClient's own JSON for a batch of points, against MlflowClient's for the same
+    points: the server keeps the same values, steps and timestamps; batches it does not send
+    itself (NaN, params, async) go through MLflow and arrive as well."""
+    ours, mlflows = TrackingClient(mlflow_server.url), MlflowClient(mlflow_server.url)
+    experiment = ours.create_experiment("json-batches")
+    run_a, run_b = (ours.create_run(experiment).info.run_id for _ in range(2))
+    values = [0.1, -2.5, 1e-300, 3.4e38, 1 / 3, 0.0, -0.0, 12345678.90123, 2**53, 7.0]
+    points = [
+        Metric("lr" if s % 3 else "train_loss", values[s % 10] * (s + 1), 1_700_000_000_000 + s, s)
+        for s in range(MAX_BATCH)
+    ]
+    ours.log_batch(run_a, metrics=points)
+    mlflows.log_batch(run_b, metrics=points)
+    for key in ("train_loss", "lr"):
+        sent = _history(mlflows, run_b, key)
+        assert sent and _history(mlflows, run_a, key) == sent
+    # what MLflow's client sends instead: a value JSON cannot hold, params and tags beside
+    ours.log_batch(run_a, metrics=[Metric("val_loss", math.nan, 1, 3)])
+    ours.log_batch(run_a, metrics=[Metric("val_loss", 0.5, 2, 4)], params=[Param("k", "v")])
+    assert [m.step for m in ours.get_metric_history(run_a, "val_loss")] == [3, 4]
+    assert math.isnan(ours.get_metric_history(run_a, "val_loss")[0].value)
+    assert ours.get_run(run_a).data.params == {"k": "v"}
+    # the server's refusal reads as MlflowClient's does
+    errors = []
+    for client in (ours, mlflows):
+        with pytest.raises(MlflowException) as caught:
+            client.log_batch("0" * 32, metrics=[Metric("train_loss", 1.0, 0, 0)])
+        errors.append(caught.value.error_code)
+    assert errors[0] == errors[1] == "RESOURCE_DOES_NOT_EXIST"
+
+
+def test_the_modules_mlflow_probes_for_are_looked_up_once(mlflow_server):
+    """MLflow's Databricks header provider imports dbruntime, pyspark and IPython on every
+    request; after connect(), those not installed fail without a search of sys.path."""
+    absent = [n for n in ("dbruntime", "pyspark", "IPython") if importlib.util.find_spec(n) is None]
+    assert absent, "nothing to check: every probed module is installed here"
+    connect(mlflow_server.url)
+    searched: list[str] = []
+
+    class Spy:
+        def find_spec(self, name, path=None, target=None):
+            searched.append(name.partition(".")[0])
+
+    spy = Spy()
+    sys.meta_path.insert(0, spy)
+    try:
+        for _ in range(3):
+            headers = resolve_request_headers()
+    finally:
+        sys.meta_path.remove(spy)
+    assert "User-Agent" in headers
+    assert not set(searched) & set(absent), searched
+    assert all(sys.modules[n] is None for n in absent)
+
+
+def test_the_tracking_store_is_a_write_ahead_log_behind_several_workers(mlflow_server, tmp_path):
+    """start_server leaves MLflow's default of 4 workers and puts a SQLite store in WAL mode;
+    updates sent at once from several threads, to different workers, are all kept."""
+    assert "--workers" not in server_command("sqlite:///x.db")
+    assert server_command("sqlite:///x.db", workers=1)[-2:] == ["--workers", "1"]
+    with sqlite3.connect(mlflow_server.log.parent / "mlflow.db") as db:
+        assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    new, old = tmp_path / "new.db", tmp_path / "old.db"
+    sqlite3.connect(old).close()
+    for path in (new, old):
+        use_wal(f"sqlite:///{path}")
+        with sqlite3.connect(path) as db:
+            assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    use_wal(f"sqlite:///{tmp_path / 'no' / 'such' / 'dir.db'}")  # nothing made, nothing raised
+    assert not (tmp_path / "no").exists()
+
+    client = TrackingClient(mlflow_server.url)
+    experiment = client.create_experiment("several-workers")
+    runs = [client.create_run(experiment).info.run_id for _ in range(8)]
+
+    def send(run_id: str) -> None:
+        for start in range(0, 5000, MAX_BATCH):
+            steps = range(start, start + MAX_BATCH)
+            client.log_batch(run_id, metrics=[Metric("train_loss", s / 7, 0, s) for s in steps])
+
+    threads = [threading.Thread(target=send, args=(run,)) for run in runs]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for run in runs:
+        assert [m.step for m in client.get_metric_history(run, "train_loss")] == [*range(5000)]

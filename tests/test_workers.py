@@ -243,8 +243,12 @@ def test_a_stopped_worker_requeues_its_trial_and_exits_143(cluster):
 
 def _mlflow(root: Path, port: int) -> subprocess.Popen:
     log = (root / "mlflow.log").open("a")
-    process = start_server(
-        f"sqlite:///{root / 'mlflow.db'}", port=port, artifacts=str(root / "art"), log=log
+    process = start_server(  # one worker: restarted often, it starts faster
+        f"sqlite:///{root / 'mlflow.db'}",
+        port=port,
+        artifacts=str(root / "art"),
+        log=log,
+        workers=1,
     )
     wait_for_http(f"http://127.0.0.1:{port}/health", process=process)
     return process

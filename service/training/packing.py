@@ -19,7 +19,14 @@ from service.training.trainer import (
     _Pack,
 )
 
-__all__ = ["SEARCH_ROUNDS", "PackChoice", "choose_pack_size", "free_memory", "slot_bytes"]
+__all__ = [
+    "HOST_SECONDS_PER_TRIAL",
+    "SEARCH_ROUNDS",
+    "PackChoice",
+    "choose_pack_size",
+    "free_memory",
+    "slot_bytes",
+]
 
 _PROBE_STEPS = 12
 _MEMORY_SHARE = 0.5  # of the free memory: leave room for the rest of the process
@@ -31,6 +38,14 @@ _CPU_BUDGET = 2.0
 _CUDA_BUDGET = 5.0
 # a pack holds at most 1/SEARCH_ROUNDS of the trials to run (see choose_pack_size)
 SEARCH_ROUNDS = 4
+# What a study's host spends on each trial beside its training: Optuna's ask (a read of the
+# study, the sampler), its reports and tell, each a commit, and its MLflow run. Measured at 0.10
+# to 0.15 s on an RDB storage (docs/benchmarks.md, "Where a trial's host time goes").
+HOST_SECONDS_PER_TRIAL = 0.1
+# Once the device trains a trial in this share of the host's time for it, a larger pack saves
+# less than that share of a trial's time, while each running trial makes every ask's read of
+# the study longer.
+_HOST_SHARE = 0.1
 
 
 @dataclass(frozen=True)
@@ -123,11 +138,18 @@ def choose_pack_size(
     budget: float | None = None,
     cuda_graph: bool = True,
     own_tables: bool = False,
+    host_seconds: float | None = HOST_SECONDS_PER_TRIAL,
 ) -> PackChoice:
     """The pack size for ``trials`` trials: sizes 1, 2, 4, … are probed (for about ``budget``
     seconds in all, by default 2 on a CPU and 5 on CUDA; within half the free memory, never
     above a quarter of ``trials``), and the smallest that trains within 10% of the fastest
-    probed rate per trial-step is chosen.
+    probed rate per trial-step is chosen, or, sooner, the first that trains a trial in a tenth
+    of ``host_seconds``, the host's own time per trial (None: no such bound).
+
+    On a GPU the second rule is the one that binds: steps of small networks cost the same at
+    any small pack, so throughput grows with the pack far beyond what the host can use, while
+    every ask reads all the running trials (a pack of 64 makes it about 20 ms longer than one
+    of 8; docs/benchmarks.md).
 
     A pack's trials are asked before any of them has a result, so a pack of all the trials
     would be a random search without pruning: the sampler and the pruner learn only from the
@@ -144,12 +166,19 @@ def choose_pack_size(
 
     if budget is None:
         budget = _CUDA_BUDGET if device.type == "cuda" else _CPU_BUDGET
+
+    def keeps_up(size: int) -> bool:  # trains a trial in a tenth of the host's time for it
+        return host_seconds is not None and config.steps / rates[size] <= _HOST_SHARE * host_seconds
+
     started = time.perf_counter()
     # the first probe also pays for the process's first steps: measure pack 1 twice
     rates = {1: max(probe(1) for _ in range(2))}
     size = 1
-    stopped = "cap"  # why the probing stopped: the cap, a slower pack, or the time budget
+    stopped = "cap"  # why the probing stopped: the cap, a slower pack, the time budget, the host
     while size < cap:
+        if keeps_up(size):
+            stopped = "host"
+            break
         if time.perf_counter() - started >= budget:
             stopped = "budget"
             break
@@ -165,7 +194,13 @@ def choose_pack_size(
     fastest = max(rates.values())
     best = min(k for k, rate in rates.items() if rate >= 0.9 * fastest)
     probed = max(rates)
-    if best == cap:
+    if stopped == "host" and best == probed:
+        why = (
+            f"it trains a trial in {config.steps / rates[best] * 1e3:.1f} ms, under a tenth of "
+            f"the host's ~{host_seconds:g} s per trial (Optuna, MLflow): a larger pack would "
+            "only lengthen every ask's read of the running trials"
+        )
+    elif best == cap:
         if cap == by_search:
             bound = f"the search (a quarter of the {trials:,} trials to run)"
         else:

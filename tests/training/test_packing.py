@@ -91,3 +91,25 @@ def test_memory_estimate_is_sane():
     # each trial its own data seed: its own batch table (steps × batch row indices)
     own = slot_bytes(SHAPE, CONFIG, n_val=400, own_tables=True)
     assert own - per_slot == CONFIG.steps * CONFIG.batch_size * 8
+
+
+def test_auto_stops_growing_the_pack_once_it_outpaces_the_host():
+    """A pack that trains a trial in a tenth of the host's own time per trial is large enough:
+    probing stops there, and the reason says so. Without that bound, or with a host that is
+    fast beside the device, the throughput rule decides as before."""
+    data, loss, cpu = digits(), Loss("softmax_cross_entropy"), torch.device("cpu")
+    slow_host = choose_pack_size(SHAPE, loss, data, CONFIG, cpu, trials=1000, host_seconds=1e6)
+    assert slow_host.size == 1 and list(slow_host.rates) == [1]
+    assert "under a tenth of the host's ~1e+06 s per trial" in slow_host.reason
+    # bound between the rates of pack 1 and the fastest pack: stops at the first that keeps up
+    rates = choose_pack_size(SHAPE, loss, data, CONFIG, cpu, trials=1000, host_seconds=None).rates
+    assert max(rates.values()) > 2 * rates[1]
+    host = 10 * CONFIG.steps / (1.5 * rates[1])  # a pack 1.5x as fast as pack 1 keeps up
+    bound = choose_pack_size(SHAPE, loss, data, CONFIG, cpu, trials=1000, host_seconds=host)
+    probed = sorted(bound.rates)
+    keeps_up = [CONFIG.steps / bound.rates[k] <= 0.1 * host for k in probed]
+    assert not any(keeps_up[:-1]), "probing went on past a pack that keeps up"
+    if "under a tenth" in bound.reason:
+        assert keeps_up[-1] and bound.size == probed[-1]
+    fast_host = choose_pack_size(SHAPE, loss, data, CONFIG, cpu, trials=1000, host_seconds=1e-9)
+    assert "host" not in fast_host.reason and fast_host.size >= 4
