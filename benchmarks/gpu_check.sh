@@ -14,7 +14,8 @@
 #                                             # run fails at once without one)
 #     SCALE=256 bash benchmarks/gpu_check.sh  # the end-to-end benchmark adds a 256-trial study
 #                                             # (throughput.py --scale; about 2 more minutes);
-#                                             # SCALE_PACKS=auto,64 runs it at pack 64 too
+#                                             # SCALE_PACKS=auto,64 runs it at pack 64 too,
+#                                             # SCALE_WORKERS=3 with 3 hpo workers beside it
 #     ONLY_E2E=1 TRIALS=8 SCALE=512 ...       # the GPU tests and the end-to-end benchmark only
 #
 # Everything goes to stdout; when $OUT is set, a copy goes to $OUT/gpu_check.log.
@@ -109,7 +110,8 @@ if [ -n "$E2E" ]; then
         # SCALE=N adds `hpo run --pack auto` on N trials against the same server (throughput.py
         # --scale; about 75 s for 256 trials with curves on and off on an H200)
         "$PY" benchmarks/throughput.py --trials "${TRIALS:-24}" --steps "${STEPS:-400}" \
-            ${SCALE:+--scale "$SCALE"} ${SCALE_PACKS:+--scale-packs "$SCALE_PACKS"} || status=1
+            ${SCALE:+--scale "$SCALE"} ${SCALE_PACKS:+--scale-packs "$SCALE_PACKS"} \
+            ${SCALE_WORKERS:+--scale-workers "$SCALE_WORKERS"} || status=1
     fi
 fi
 

@@ -14,12 +14,13 @@ Prints trials per minute and the ratios, the wall time spent logging, each comma
 memory (RSS; and GPU memory on CUDA), and the best objective each reached.
 
     .venv/bin/python benchmarks/throughput.py [--trials 24] [--steps 400] [--experiment FILE]
-        [--scale N [--scale-packs auto,64]]
+        [--scale N [--scale-packs auto,64] [--scale-workers N]]
 
 ``--scale N`` adds a larger study of ``hpo run --pack auto`` (curves on, then off), where the
 start-up and end-of-study costs weigh less; the baseline is not run at that size (at its rate
 per trial it would take N/--trials times as long), so its trials/min from the smaller study
-stand for it. ``--scale-packs`` runs that study at other pack sizes too (curves on).
+stand for it. ``--scale-packs`` runs that study at other pack sizes too (curves on), and
+``--scale-workers N`` once more as `hpo run` with N `hpo worker` processes beside it.
 """
 
 from __future__ import annotations
@@ -247,6 +248,13 @@ def main() -> None:
         metavar="K,...",
         help="pack sizes of the --scale study: curves on for each, curves off for the first",
     )
+    parser.add_argument(
+        "--scale-workers",
+        type=int,
+        default=0,
+        metavar="N",
+        help="the --scale study once more, curves on, as `hpo run` and N `hpo worker`s at once",
+    )
     args = parser.parse_args()
     if args.baseline_only:
         exp, tracking, storage = args.baseline_only
@@ -283,6 +291,9 @@ def main() -> None:
             size = re.search(r"(\d+) at a time", out)
             loop = re.search(r"trials here in ([\d.]+)s", out)
             study = optuna.load_study(study_name=name, storage=f"sqlite:///{home / 'optuna.db'}")
+            # a line per run as it ends: a run cut short (a device's time limit) keeps these
+            loop_s = loop.group(1) if loop else "?"
+            print(f"[{name}] {trials} trials in {seconds:.1f}s (study loop {loop_s}s)", flush=True)
             return Result(
                 name,
                 seconds,
@@ -294,6 +305,35 @@ def main() -> None:
                 float(loop.group(1)) if loop else None,
             )
 
+        def hpo_and_workers(name: str, pack: str, trials: int, workers: int) -> Result:
+            """`hpo run` and ``workers`` `hpo worker`s on the same study and device, started
+            together (each its own process: Optuna's per-trial work on more cores)."""
+            home = root / name
+            run_env = dict(env, HPO_HOME=str(home), HPO_LOG_CURVES="true")
+            common = ["--trials", str(trials), "--tracking-uri", url, "--pack", pack]
+            commands = [["run", str(experiment_path), "--study", name, *common]]
+            commands += [["worker", name, "--wait", *common]] * workers
+            started = time.perf_counter()
+            processes = [
+                subprocess.Popen(
+                    [sys.executable, "-m", "service.cli", *command],
+                    env=run_env,
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.STDOUT,
+                    text=True,
+                )
+                for command in commands
+            ]
+            outs = [process.communicate()[0] for process in processes]
+            seconds = time.perf_counter() - started
+            for process, out in zip(processes, outs, strict=True):
+                if process.returncode != 0:
+                    raise SystemExit(f"{process.args[3:5]} failed:\n{out}")
+            sizes = [m.group(1) for out in outs if (m := re.search(r"(\d+) at a time", out))]
+            study = optuna.load_study(study_name=name, storage=f"sqlite:///{home / 'optuna.db'}")
+            print(f"[{name}] {trials} trials in {seconds:.1f}s, {workers + 1} processes")
+            return Result(name, seconds, None, 0, 0, best_value(study), "+".join(sizes))
+
         try:
             base_storage = f"sqlite:///{root / 'baseline.db'}"
             base_cmd = [
@@ -302,6 +342,7 @@ def main() -> None:
             ]  # fmt: skip
             seconds, out, rss, gpu = timed(base_cmd, dict(env, HPO_HOME=str(root / "b")))
             logging_s = float(re.search(r"BASELINE_LOGGING_S ([\d.]+)", out).group(1))
+            print(f"[baseline] {args.trials} trials in {seconds:.1f}s", flush=True)
             best = best_value(optuna.load_study(study_name="baseline", storage=base_storage))
             results.append(Result("baseline", seconds, logging_s, rss, gpu, best, "1"))
             results.append(hpo("pack-1", "1", curves=True))
@@ -316,6 +357,10 @@ def main() -> None:
                 if n == 0:
                     off = hpo(f"scale-{pack}-no-curves", pack, curves=False, trials=args.scale)
                     scaled.append((off, f"--pack {pack}, curves off"))
+            if args.scale and args.scale_workers:
+                pack, n = packs[0], args.scale_workers
+                both = hpo_and_workers("scale-workers", pack, args.scale, n)
+                scaled.append((both, f"--pack {pack} + {n} hpo worker(s), curves on"))
             points = args.trials * args.steps * 2  # train_loss and lr at every step
             rate = ingest_rate(url, points)
         finally:
@@ -383,8 +428,9 @@ def main() -> None:
             print(
                 f"  {'hpo run ' + label:<62} {r.pack:>5} {r.seconds:8.1f} "
                 f"{rate_min:10.2f} = {rate_min / base_rate:.1f}x the baseline's trials/min; "
-                f"study loop {r.loop_s}s; "
-                f"RSS {r.rss / 2**20:.0f} MiB, GPU {r.gpu / 2**20:.0f} MiB, best {r.best:.4f}"
+                + (f"study loop {r.loop_s}s; " if r.loop_s is not None else "")
+                + (f"RSS {r.rss / 2**20:.0f} MiB, GPU {r.gpu / 2**20:.0f} MiB, " if r.rss else "")
+                + f"best {r.best:.4f}"
             )
     print(json.dumps(summary))
 
