@@ -104,7 +104,8 @@ class TrackingClient(MlflowClient):
         tags: Sequence[RunTag] = (),
         synchronous: bool | None = None,
     ) -> RunOperations | None:
-        store = self._tracking_client.store
+        # MlflowClient keeps its store privately: without one, everything goes through MLflow
+        store = getattr(getattr(self, "_tracking_client", None), "store", None)
         if synchronous is None:
             synchronous = not MLFLOW_ENABLE_ASYNC_LOGGING.get()
         if (
