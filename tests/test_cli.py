@@ -349,7 +349,9 @@ def test_pack_auto_says_the_size_it_measured_and_why(hpo, tmp_path):
     said = " ".join(result.stdout.split())
     chosen = re.search(r"(\d+) at a time \(auto: [\d,]+ trial-steps/s at (\d+) against", said)
     assert chosen and chosen.group(1) == chosen.group(2) and int(chosen.group(1)) in (1, 2), said
-    assert re.search(r"(capped by the search \(a quarter of the 8 trials|not >10% faster)", said)
+    # a fast CPU can train this tiny network's trial in under a tenth of the host's time for it
+    reasons = r"capped by the search \(a quarter of the 8 trials|not >10% faster|under a tenth"
+    assert re.search(f"({reasons})", said)
     assert "8 trials here" in said
     study = optuna.load_study(study_name="tiny", storage=hpo.storage)
     assert {t.state.name for t in study.trials} == {"COMPLETE"}
