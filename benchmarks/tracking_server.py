@@ -61,7 +61,8 @@ def start(root: Path, *, workers: int, wal: bool) -> tuple[subprocess.Popen, str
             if requests.get(f"{url}/health", timeout=1).ok:
                 return process, url
         except requests.RequestException:
-            time.sleep(0.2)
+            pass
+        time.sleep(0.2)
     raise SystemExit(f"the server did not start; see {log.name}")
 
 

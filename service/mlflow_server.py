@@ -38,7 +38,8 @@ def use_wal(store_uri: str) -> None:
     """Put a SQLite tracking store (made here when it does not exist yet) in write-ahead-log
     mode, which the file keeps: a commit then syncs one log instead of a journal and the
     database, and readers (the UI, `hpo serve`) never wait for a writer. Other stores, and a
-    file another process holds open, are left as they are."""
+    file another process holds open, are left as they are. As SQLite documents, a write-ahead
+    log needs the database on a local file system (not NFS), in a folder it can write to."""
     if not store_uri.startswith("sqlite"):
         return
     path = make_url(store_uri).database

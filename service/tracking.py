@@ -5,12 +5,10 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import importlib.util
 import json
 import logging
 import math
 import os
-import sys
 import threading
 import time
 import uuid
@@ -29,6 +27,11 @@ from mlflow.protos.databricks_pb2 import INVALID_STATE
 from mlflow.store.tracking.rest_store import RestStore
 from mlflow.tracking import MlflowClient
 from mlflow.tracking.client import RunOperations
+from mlflow.tracking.fluent import get_active_model_id
+from mlflow.tracking.request_header import registry as header_registry
+from mlflow.tracking.request_header.databricks_request_header_provider import (
+    DatabricksRequestHeaderProvider,
+)
 from mlflow.utils.rest_utils import http_request, verify_rest_response
 
 from service.errors import TrackingError
@@ -67,19 +70,20 @@ EXPERIMENT_KIND = "custom_model_development"
 RUN_STATUS = {"COMPLETE": "FINISHED", "PRUNED": "KILLED", "FAIL": "FAILED"}
 
 
-# MLflow's Databricks request-header provider imports these on every request to a server, to
-# see whether it runs on Databricks; where one is not installed, each failed import searches
-# sys.path again (2.6 ms a request on the H200 host of docs/benchmarks.md, in the threads that
-# share the trainer's interpreter lock).
-_PROBED_BY_MLFLOW = ("dbruntime", "pyspark", "IPython")
-
-
-def _settle_absent_modules() -> None:
-    """Mark the modules that MLflow probes for and that are not installed as absent: with
-    None in ``sys.modules``, Python fails such an import at once (ModuleNotFoundError)."""
-    for name in _PROBED_BY_MLFLOW:
-        if name not in sys.modules and importlib.util.find_spec(name) is None:
-            sys.modules[name] = None  # type: ignore[assignment]
+def _drop_databricks_headers_off_databricks() -> None:
+    """Take MLflow's Databricks request-header provider out of its registry when this process
+    does not run on Databricks (which does not change while it runs). To tell, the provider
+    imports dbruntime, pyspark and IPython on every request to a server, and where they are not
+    installed each failed import searches sys.path again: 2.6 ms a request on the H200 host of
+    docs/benchmarks.md, in threads that share the trainer's interpreter lock. MLflow has no
+    public way to unregister a provider; if its registry is not where it was, nothing changes."""
+    providers = getattr(header_registry._request_header_provider_registry, "_registry", None)
+    if isinstance(providers, list):
+        providers[:] = [
+            p
+            for p in providers
+            if not isinstance(p, DatabricksRequestHeaderProvider) or p.in_context()
+        ]
 
 
 # MLflow's REST API: https://mlflow.org/docs/latest/api_reference/rest-api.html#log-batch
@@ -108,28 +112,44 @@ class TrackingClient(MlflowClient):
         store = getattr(getattr(self, "_tracking_client", None), "store", None)
         if synchronous is None:
             synchronous = not MLFLOW_ENABLE_ASYNC_LOGGING.get()
+        points = None
         if (
-            params
-            or tags
-            or not metrics
-            or len(metrics) > MAX_BATCH
-            or not synchronous
-            or not isinstance(store, RestStore)
-            or not all(math.isfinite(m.value) for m in metrics)  # JSON has no NaN or inf
+            not (params or tags)
+            and 0 < len(metrics) <= MAX_BATCH
+            and synchronous
+            and isinstance(store, RestStore)
+            # a point tied to a logged model or a dataset carries more than these four fields
+            and get_active_model_id() is None
+            and not any(m.model_id or m.dataset_name or m.dataset_digest for m in metrics)
         ):
+            points = _json_points(metrics)
+        if points is None:
             return super().log_batch(
                 run_id, metrics=metrics, params=params, tags=tags, synchronous=synchronous
             )
-        body = {
-            "run_id": run_id,
-            "metrics": [
-                {"key": m.key, "value": m.value, "timestamp": m.timestamp, "step": m.step}
-                for m in metrics
-            ],
-        }
+        body = {"run_id": run_id, "metrics": points}
         response = http_request(store.get_host_creds(), _LOG_BATCH, "POST", json=body)
         verify_rest_response(response, _LOG_BATCH)
         return None
+
+
+def _json_points(metrics: Sequence[Metric]) -> list[dict[str, Any]] | None:
+    """The points as the REST API's JSON, their values as floats and steps and timestamps as
+    integers (numpy or torch scalars included, as MlflowClient takes them); None when a value
+    is not finite (JSON has no NaN or infinity) or not a number: MlflowClient sends those."""
+    try:
+        points = [
+            {
+                "key": m.key,
+                "value": float(m.value),
+                "timestamp": int(m.timestamp),
+                "step": int(m.step),
+            }
+            for m in metrics
+        ]
+    except (TypeError, ValueError):
+        return None
+    return points if all(math.isfinite(p["value"]) for p in points) else None
 
 
 def connect(tracking_uri: str) -> TrackingClient:
@@ -144,7 +164,7 @@ def connect(tracking_uri: str) -> TrackingClient:
     if is_remote(tracking_uri):
         import requests
 
-        _settle_absent_modules()
+        _drop_databricks_headers_off_databricks()
         try:
             requests.get(tracking_uri.rstrip("/") + "/health", timeout=10).raise_for_status()
         except requests.RequestException as exc:

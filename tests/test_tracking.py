@@ -9,6 +9,7 @@ import threading
 import time
 
 import numpy as np
+import pandas as pd
 import pytest
 import requests
 from mlflow.entities import Metric, Param, RunTag
@@ -426,6 +427,15 @@ def test_curves_sent_as_json_read_back_as_mlflows_client_sends_them(mlflow_serve
     for key in ("train_loss", "lr"):
         sent = _history(mlflows, run_b, key)
         assert sent and _history(mlflows, run_a, key) == sent
+    # numpy scalars, as MlflowClient takes them
+    scalars = [Metric("acc", np.float32(0.25), np.int64(5), np.int64(s)) for s in range(3)]
+    ours.log_batch(run_a, metrics=scalars)
+    mlflows.log_batch(run_b, metrics=scalars)
+    assert _history(mlflows, run_a, "acc") == _history(mlflows, run_b, "acc") != []
+    # a point of a logged model keeps its link (MLflow's client sends it)
+    model = ours.create_logged_model(experiment)
+    ours.log_batch(run_a, metrics=[Metric("auc", 0.9, 1, 0, model_id=model.model_id)])
+    assert {m.key for m in ours.get_logged_model(model.model_id).metrics} == {"auc"}
     # what MLflow's client sends instead: a value JSON cannot hold, params and tags beside
     ours.log_batch(run_a, metrics=[Metric("val_loss", math.nan, 1, 3)])
     ours.log_batch(run_a, metrics=[Metric("val_loss", 0.5, 2, 4)], params=[Param("k", "v")])
@@ -441,10 +451,13 @@ def test_curves_sent_as_json_read_back_as_mlflows_client_sends_them(mlflow_serve
     assert errors[0] == errors[1] == "RESOURCE_DOES_NOT_EXIST"
 
 
-def test_the_modules_mlflow_probes_for_are_looked_up_once(mlflow_server):
+def test_off_databricks_a_request_imports_nothing(mlflow_server):
     """MLflow's Databricks header provider imports dbruntime, pyspark and IPython on every
-    request; after connect(), those not installed fail without a search of sys.path."""
-    absent = [n for n in ("dbruntime", "pyspark", "IPython") if importlib.util.find_spec(n) is None]
+    request to find out where it runs; off Databricks, connect() takes it out of MLflow's
+    registry, so a request searches for none of them, and nothing else changes: they are still
+    not installed as far as anyone asks, and not in sys.modules."""
+    probed = ("dbruntime", "pyspark", "IPython")
+    absent = [n for n in probed if importlib.util.find_spec(n) is None]
     assert absent, "nothing to check: every probed module is installed here"
     connect(mlflow_server.url)
     searched: list[str] = []
@@ -460,9 +473,12 @@ def test_the_modules_mlflow_probes_for_are_looked_up_once(mlflow_server):
             headers = resolve_request_headers()
     finally:
         sys.meta_path.remove(spy)
-    assert "User-Agent" in headers
-    assert not set(searched) & set(absent), searched
-    assert all(sys.modules[n] is None for n in absent)
+    assert headers["User-Agent"].startswith("mlflow-python-client/")
+    assert not set(searched) & set(probed), searched
+    assert [n for n in probed if importlib.util.find_spec(n) is None] == absent
+    assert not set(absent) & set(sys.modules)
+    pd.set_option("display.html.table_schema", True)  # reads `"IPython" in sys.modules`
+    pd.reset_option("display.html.table_schema")
 
 
 def test_the_tracking_store_is_a_write_ahead_log_behind_several_workers(mlflow_server, tmp_path):

@@ -21,17 +21,18 @@ def digits() -> TrainingData:
 
 def test_auto_packs_many_small_networks_and_never_more_than_a_quarter_of_the_trials():
     data, loss, cpu = digits(), Loss("softmax_cross_entropy"), torch.device("cpu")
-    many = choose_pack_size(SHAPE, loss, data, CONFIG, cpu, trials=1000)
+    # the throughput rule alone: a fast CPU may train a trial within the host's bound
+    many = choose_pack_size(SHAPE, loss, data, CONFIG, cpu, trials=1000, host_seconds=None)
     # batching 64-64-10 MLPs pays on any CPU: far more trial-steps per second than one at a time
     assert many.size >= 4 and many.rates[many.size] > 2 * many.rates[1]
     assert f"at {many.size} against" in many.reason
     # never more than a quarter of the trials: the sampler and pruner learn from earlier packs
-    few = choose_pack_size(SHAPE, loss, data, CONFIG, cpu, trials=12)
+    few = choose_pack_size(SHAPE, loss, data, CONFIG, cpu, trials=12, host_seconds=None)
     assert few.size <= 3 and max(few.rates) <= 3
     if few.size == 3:
         assert "a quarter of the 12 trials" in few.reason
     # 8 trials: a pack of 2 at most, which pays here as it does above, so the search's cap binds
-    two = choose_pack_size(SHAPE, loss, data, CONFIG, cpu, trials=8)
+    two = choose_pack_size(SHAPE, loss, data, CONFIG, cpu, trials=8, host_seconds=None)
     assert two.size == 2 and max(two.rates) == 2
     assert "capped by the search (a quarter of the 8 trials to run)" in two.reason
 
@@ -39,7 +40,9 @@ def test_auto_packs_many_small_networks_and_never_more_than_a_quarter_of_the_tri
 def test_auto_says_when_the_probe_ran_out_of_time():
     data, loss, cpu = digits(), Loss("softmax_cross_entropy"), torch.device("cpu")
     # the two probes of pack 1 alone take longer than this: no larger pack is tried
-    choice = choose_pack_size(SHAPE, loss, data, CONFIG, cpu, trials=1000, budget=0.001)
+    choice = choose_pack_size(
+        SHAPE, loss, data, CONFIG, cpu, trials=1000, budget=0.001, host_seconds=None
+    )
     assert choice.size == 1 and list(choice.rates) == [1]
     assert "the probe's 0.001 s ran out at pack 1" in choice.reason
     assert "not >10% faster" not in choice.reason
