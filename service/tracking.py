@@ -77,7 +77,8 @@ def _drop_databricks_headers_off_databricks() -> None:
     installed each failed import searches sys.path again: 2.6 ms a request on the H200 host of
     docs/benchmarks.md, in threads that share the trainer's interpreter lock. MLflow has no
     public way to unregister a provider; if its registry is not where it was, nothing changes."""
-    providers = getattr(header_registry._request_header_provider_registry, "_registry", None)
+    registry = getattr(header_registry, "_request_header_provider_registry", None)
+    providers = getattr(registry, "_registry", None)
     if isinstance(providers, list):
         providers[:] = [
             p

@@ -148,7 +148,7 @@ def choose_pack_size(
 
     On a GPU the second rule is the one that binds: steps of small networks cost the same at
     any small pack, so throughput grows with the pack far beyond what the host can use, while
-    every ask reads all the running trials (a pack of 64 makes it about 20 ms longer than one
+    every ask reads all the running trials (a pack of 64 makes it about 15 ms longer than one
     of 8; docs/benchmarks.md).
 
     A pack's trials are asked before any of them has a result, so a pack of all the trials
