@@ -39,6 +39,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.servers import free_port, wait_http  # noqa: E402
+
 STUDY = "bench"
 CLIENTS = 8
 KNOB_PARAMS = ("lr_base", "decay_rate", "decay_steps", "staircase", "ema_decay")
@@ -317,29 +319,6 @@ def measure(kind: str, target: str, extra: str, seconds: float, clients: int = C
         "p99_ms": latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))] * 1000,
         "rps": len(latencies) / wall,
     }
-
-
-def wait_http(url: str, process: subprocess.Popen, timeout: float = 180) -> None:
-    import requests
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise SystemExit(f"server exited before answering {url}")
-        try:
-            if requests.get(url, timeout=2).ok:
-                return
-        except requests.RequestException:
-            time.sleep(0.3)
-    raise SystemExit(f"{url} did not answer")
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def check_same_answers(api: str, mlflow: str, experiment_id: str, optuna_url: str) -> None:

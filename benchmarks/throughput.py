@@ -49,30 +49,21 @@ sys.path.insert(0, str(ROOT))
 
 
 def start_mlflow(root: Path) -> tuple[subprocess.Popen, str]:
-    import socket
+    from benchmarks.servers import free_port, wait_http
+    from service.mlflow_server import start_server, stop_server
 
-    import requests
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    from service.mlflow_server import start_server
-
+    port = free_port()
     with (root / "mlflow.log").open("w") as log:
         process = start_server(
             f"sqlite:///{root / 'mlflow.db'}", port=port, artifacts=str(root / "artifacts"), log=log
         )
     url = f"http://127.0.0.1:{port}"
-    for _ in range(600):
-        try:
-            if requests.get(f"{url}/health", timeout=1).ok:
-                return process, url
-        except requests.RequestException:
-            time.sleep(0.2)
-    from service.mlflow_server import stop_server
-
-    stop_server(process)
-    raise SystemExit("mlflow server did not start")
+    try:
+        wait_http(f"{url}/health", process)
+    except SystemExit:
+        stop_server(process)
+        raise
+    return process, url
 
 
 def run_baseline(experiment_path: Path, n_trials: int, tracking_uri: str, storage: str) -> None:

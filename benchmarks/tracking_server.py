@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -29,19 +28,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def start(root: Path, *, workers: int, wal: bool) -> tuple[subprocess.Popen, str]:
-    import requests
-
+    from benchmarks.servers import free_port, wait_http
     from service.mlflow_server import server_command, start_server
 
     db = root / f"mlflow-{workers}-{'wal' if wal else 'journal'}.db"
-    port = _free_port()
+    port = free_port()
     log = (root / f"{db.stem}.log").open("w")
     if wal:  # as hpo starts it
         process = start_server(
@@ -56,14 +48,8 @@ def start(root: Path, *, workers: int, wal: bool) -> tuple[subprocess.Popen, str
             command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
         )
     url = f"http://127.0.0.1:{port}"
-    for _ in range(600):
-        try:
-            if requests.get(f"{url}/health", timeout=1).ok:
-                return process, url
-        except requests.RequestException:
-            pass
-        time.sleep(0.2)
-    raise SystemExit(f"the server did not start; see {log.name}")
+    wait_http(f"{url}/health", process)
+    return process, url
 
 
 def measure(url: str, points: int) -> dict[str, float]:
