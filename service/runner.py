@@ -6,11 +6,12 @@ import contextlib
 import copy
 import logging
 import math
+import tempfile
 import time
-import warnings
 from collections import Counter
 from collections.abc import Callable, Container
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -22,6 +23,8 @@ from service.datasets import Dataset, load_data
 from service.db.migrations import open_database
 from service.errors import ExperimentError, HPOError, StudyError
 from service.experiment import KNOBS, Experiment, Knob, parse_experiment
+from service.plots import PlotDrawer
+from service.plots import draw as draw_plots
 from service.registry import Registry, trial_fields, utcnow
 from service.retry import retry_transient
 from service.search import grid_size, searched_params, suggest_schedule
@@ -54,7 +57,6 @@ __all__ = [
     "join_study",
     "network_shape",
     "run_study",
-    "study_figures",
 ]
 
 # a row write waits this long for a restarting database; longer, and `hpo sync` repairs it
@@ -446,51 +448,6 @@ class _StudyHooks:
         self.heartbeat.close()
 
 
-def study_figures(study: optuna.Study, knobs: dict[str, Knob]) -> list[tuple[str, Any]]:
-    """Optuna's plots of the study as matplotlib figures; a plot that cannot be drawn is skipped."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    from optuna.importance import PedAnovaImportanceEvaluator
-    from optuna.visualization import matplotlib as plots
-
-    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-    if not complete:
-        return []
-    searched = searched_params(knobs)
-    shown = [name for name in KNOBS if not knobs[name].fixed]
-    makers: list[tuple[str, Callable[[], Any]]] = [
-        ("optimization_history", lambda: plots.plot_optimization_history(study)),
-    ]
-    if len(complete) >= 2 and searched:
-        makers.append(
-            (
-                "param_importances",
-                # PED-ANOVA: fANOVA's random forest took longer than a small study's training
-                lambda: plots.plot_param_importances(
-                    study, evaluator=PedAnovaImportanceEvaluator(), params=searched
-                ),
-            )
-        )
-    if shown:
-        makers.append(
-            ("parallel_coordinate", lambda: plots.plot_parallel_coordinate(study, params=shown))
-        )
-    figures = []
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        for name, make in makers:
-            try:
-                axes = make()
-            except Exception as exc:  # a plot is a nicety; the study's results stand without it
-                log.warning("skipped the %s plot: %s", name, exc)
-                continue
-            figure = axes.figure if hasattr(axes, "figure") else axes.flat[0].figure
-            figure.tight_layout()  # long parameter names would be cut off otherwise
-            figures.append((name, figure))
-    return figures
-
-
 def run_study(
     experiment: Experiment,
     *,
@@ -632,6 +589,8 @@ def run_study(
         check_stop=check_stop,
     )
     tracker.on_run_created = hooks.on_run_created
+    # after the pack-size probe, which the child's imports would slow down
+    drawer = PlotDrawer(settings.storage_url, name)
     try:
         while True:
             train(
@@ -655,7 +614,9 @@ def run_study(
         hooks.close()
         status = "KILLED" if interrupted else "FAILED"
         for cleanup in (
-            lambda: _finish(tracker, study, knobs, status=status, grace=settings.tracking_grace),
+            lambda: _finish(
+                tracker, study, knobs, status=status, grace=settings.tracking_grace, drawer=drawer
+            ),
             lambda: registry.finish_study(name, "interrupted" if interrupted else "failed"),
         ):
             try:
@@ -665,7 +626,12 @@ def run_study(
         raise
     hooks.close()
     report.delivery = _finish(
-        tracker, study, knobs, status="FINISHED", grace=settings.tracking_grace
+        tracker,
+        study,
+        knobs,
+        status="FINISHED",
+        grace=settings.tracking_grace,
+        drawer=drawer,
     )
     try:
         registry.finish_study(name, "finished")
@@ -767,16 +733,27 @@ def _finish(
     *,
     status: str,
     grace: float = 30.0,
+    drawer: PlotDrawer | None = None,
 ) -> Delivery:
-    import matplotlib.pyplot as plt
-
-    counts = Counter(t.state.name for t in study.get_trials(deepcopy=False))
-    figures = study_figures(study, knobs) if status == "FINISHED" else []
+    """Close the study's parent run (with its plots when it finished) and deliver what the
+    outbox holds; ``drawer``, if any, draws the plots and is closed either way."""
     try:
-        tracker.finish_study(
-            status=status, best=_best_or_none(study), counts=dict(counts), figures=figures
-        )
+        counts = Counter(t.state.name for t in study.get_trials(deepcopy=False))
+        with tempfile.TemporaryDirectory(prefix="hpo-plots-") as folder:
+            files = []
+            if status == "FINISHED":
+                files = draw_plots(
+                    study,
+                    Path(folder),
+                    searched=searched_params(knobs),
+                    shown=[name for name in KNOBS if not knobs[name].fixed],
+                    drawer=drawer,
+                )
+            # uploaded before the folder goes
+            tracker.finish_study(
+                status=status, best=_best_or_none(study), counts=dict(counts), plots=files
+            )
     finally:
-        for _, figure in figures:
-            plt.close(figure)
+        if drawer is not None:
+            drawer.close()
     return tracker.close(grace=grace)

@@ -938,7 +938,7 @@ class StudyTracker:
         status: str,
         best: Mapping[str, Any] | None,
         counts: Mapping[str, int],
-        figures: Iterable[tuple[str, Any]] = (),
+        plots: Iterable[Path] = (),
     ) -> None:
         """Close the parent run with the best trial's value and knobs, and the study's plots
         (the plots only while the server answers: they are drawn again by the next session)."""
@@ -959,11 +959,11 @@ class StudyTracker:
         if best is not None:
             self.outbox.put(_Op("dict", run_id, extra={"value": dict(best), "path": "best.json"}))
         if self.outbox.flush(timeout=0) or self.outbox.healthy:
-            for name, figure in figures:
+            for plot in plots:
                 try:
-                    self.client.log_figure(run_id, figure, f"plots/{name}.png")
+                    self.client.log_artifact(run_id, str(plot), "plots")
                 except Exception as exc:
-                    log.warning("could not upload the %s plot: %s", name, _short(exc))
+                    log.warning("could not upload the %s plot: %s", plot.stem, _short(exc))
                     if is_transient(exc):
                         break  # the server is away: the others would fail the same way
         self.outbox.put(_Op("terminate", run_id, extra={"status": status, "end_time": now}))

@@ -17,6 +17,7 @@ from mlflow.tracking import MlflowClient
 
 from service.cli import backlog_text
 from service.links import ui_url
+from service.plots import PLOT_NAMES
 from service.search import KNOBS
 from service.tracking import Backlog
 from service.training import exponential_decay
@@ -70,7 +71,7 @@ def test_study_against_mlflow_server(hpo, tmp_path, mlflow_server):
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert {"experiment", "plots", "best.json"} <= artifacts
     plots = {a.path for a in client.list_artifacts(parent.info.run_id, "plots")}
-    assert "plots/optimization_history.png" in plots
+    assert plots == {f"plots/{name}.png" for name in PLOT_NAMES}  # drawn by the child process
     assert parent.data.metrics["best_value"] == pytest.approx(study.best_value)
 
     assert len(children) == 6
@@ -150,6 +151,10 @@ def test_default_tracking_diverging_trials_and_status(hpo, tmp_path):
     result = hpo("run", str(experiment_file), "--trials", "3")
     assert result.returncode == 0, result.stderr
     assert "3 fail" in result.stdout
+    # the quick exit closed every SQLite database (Optuna's, the service's, MLflow's): each
+    # write-ahead log is folded back into its file, none left beside it
+    assert {p.name for p in hpo.home.glob("*.db")} == {"optuna.db", "service.db", "mlflow.db"}
+    assert not list(hpo.home.glob("*.db-*"))
 
     study = optuna.load_study(study_name="tiny", storage=hpo.storage)
     assert [t.state.name for t in study.trials] == ["FAIL"] * 3

@@ -1,0 +1,95 @@
+"""The study's plots: drawn by a child process on each storage backend, and in this process
+when the child fails."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import optuna
+import pytest
+
+from service.experiment import KNOBS, parse_experiment
+from service.plots import PLOT_NAMES, PlotDrawer, draw, draw_here
+from service.search import searched_params, suggest_schedule
+from service.studies import open_storage
+from tests.conftest import TINY_DIGITS
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def _study(storage_url: str, name: str = "plotted") -> tuple[optuna.Study, list[str], list[str]]:
+    """A finished study of the five knobs; the knobs searched and the knobs shown."""
+    knobs = parse_experiment(TINY_DIGITS).knobs
+    study = optuna.create_study(study_name=name, storage=open_storage(storage_url))
+    for n in range(6):
+        trial = study.ask()
+        schedule = suggest_schedule(trial, knobs)
+        study.tell(trial, schedule.lr_base + 0.01 * n)
+    shown = [name for name in KNOBS if not knobs[name].fixed]
+    return study, searched_params(knobs), shown
+
+
+def _check(files: list[Path], folder: Path) -> None:
+    assert sorted(f.name for f in files) == sorted(f"{name}.png" for name in PLOT_NAMES)
+    for file in files:
+        assert file.parent == folder
+        assert file.read_bytes().startswith(PNG) and file.stat().st_size > 1000
+
+
+def test_child_draws_what_this_process_draws(storage_url, tmp_path):
+    study, searched, shown = _study(storage_url)
+    drawer = PlotDrawer(storage_url, study.study_name)
+    try:
+        # the URL (and any password in it) goes over stdin, not on the command line
+        assert storage_url not in " ".join(map(str, drawer._process.args))
+        (tmp_path / "child").mkdir()
+        child = drawer.draw(tmp_path / "child", searched=searched, shown=shown)
+    finally:
+        drawer.close()
+    _check(child, tmp_path / "child")
+    (tmp_path / "here").mkdir()
+    _check(draw_here(study, tmp_path / "here", searched=searched, shown=shown), tmp_path / "here")
+
+
+def test_a_dead_or_failing_child_leaves_the_drawing_to_this_process(storage_url, tmp_path, caplog):
+    study, searched, shown = _study(storage_url)
+    killed = PlotDrawer(storage_url, study.study_name)
+    killed._process.kill()
+    killed._process.wait()
+    wrong = PlotDrawer(storage_url, "no-such-study")  # the child cannot load it
+    for n, drawer in enumerate((killed, wrong)):
+        folder = tmp_path / str(n)
+        folder.mkdir()
+        with caplog.at_level(logging.WARNING, logger="service.plots"):
+            caplog.clear()
+            files = draw(study, folder, searched=searched, shown=shown, drawer=drawer)
+        drawer.close()
+        _check(files, folder)
+        assert "drawing the plots here" in caplog.text
+    assert "Record does not exist" in caplog.text  # the child's own error is passed on
+
+
+def test_child_ends_when_closed_or_when_its_parent_goes(storage_url):
+    study, _, _ = _study(storage_url)
+    closed = PlotDrawer(storage_url, study.study_name)
+    closed.close()
+    assert closed._process.returncode is not None
+
+    # the parent's end of the pipe closes (it exited): the child returns without drawing
+    orphan = PlotDrawer(storage_url, study.study_name)
+    orphan._process.stdin.close()
+    assert orphan._process.wait(timeout=120) == 0
+    assert orphan._process.stdout.read() == ""
+    orphan.close()
+
+
+def test_no_completed_trial_draws_nothing(tmp_path):
+    study = optuna.create_study()
+    study.tell(study.ask(), state=optuna.trial.TrialState.FAIL)
+    assert draw_here(study, tmp_path, searched=["lr_base"], shown=["lr_base"]) == []
+
+
+@pytest.fixture(autouse=True)
+def _quiet_optuna():
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
