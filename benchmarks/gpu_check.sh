@@ -15,7 +15,7 @@
 #     SCALE=256 bash benchmarks/gpu_check.sh  # the end-to-end benchmark adds a 256-trial study
 #                                             # (throughput.py --scale; about 2 more minutes);
 #                                             # SCALE_PACKS=auto,64 runs it at pack 64 too,
-#                                             # SCALE_WORKERS=3 with 3 hpo workers beside it
+#                                             # SCALE_WORKERS=3 with 3 hpo workers beside it (curves on, then off)
 #     ONLY_E2E=1 TRIALS=8 SCALE=512 ...       # the GPU tests and the end-to-end benchmark only
 #
 # Everything goes to stdout; when $OUT is set, a copy goes to $OUT/gpu_check.log.

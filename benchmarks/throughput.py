@@ -20,7 +20,8 @@ memory (RSS; and GPU memory on CUDA), and the best objective each reached.
 start-up and end-of-study costs weigh less; the baseline is not run at that size (at its rate
 per trial it would take N/--trials times as long), so its trials/min from the smaller study
 stand for it. ``--scale-packs`` runs that study at other pack sizes too (curves on), and
-``--scale-workers N`` once more as `hpo run` with N `hpo worker` processes beside it.
+``--scale-workers N`` twice more (curves on, then off) as `hpo run` with N `hpo worker`
+processes beside it.
 """
 
 from __future__ import annotations
@@ -244,7 +245,8 @@ def main() -> None:
         type=int,
         default=0,
         metavar="N",
-        help="the --scale study once more, curves on, as `hpo run` and N `hpo worker`s at once",
+        help="the --scale study once more, curves on then off, as `hpo run` and N `hpo worker`s "
+        "at once",
     )
     args = parser.parse_args()
     if args.baseline_only:
@@ -296,11 +298,13 @@ def main() -> None:
                 float(loop.group(1)) if loop else None,
             )
 
-        def hpo_and_workers(name: str, pack: str, trials: int, workers: int) -> Result:
+        def hpo_and_workers(
+            name: str, pack: str, trials: int, workers: int, *, curves: bool
+        ) -> Result:
             """`hpo run` and ``workers`` `hpo worker`s on the same study and device, started
             together (each its own process: Optuna's per-trial work on more cores)."""
             home = root / name
-            run_env = dict(env, HPO_HOME=str(home), HPO_LOG_CURVES="true")
+            run_env = dict(env, HPO_HOME=str(home), HPO_LOG_CURVES=str(curves).lower())
             common = ["--trials", str(trials), "--tracking-uri", url, "--pack", pack]
             commands = [["run", str(experiment_path), "--study", name, *common]]
             commands += [["worker", name, "--wait", *common]] * workers
@@ -349,9 +353,14 @@ def main() -> None:
                     off = hpo(f"scale-{pack}-no-curves", pack, curves=False, trials=args.scale)
                     scaled.append((off, f"--pack {pack}, curves off"))
             if args.scale and args.scale_workers:
+                # curves off too: whether the tracking server or the host limits them
                 pack, n = packs[0], args.scale_workers
-                both = hpo_and_workers("scale-workers", pack, args.scale, n)
-                scaled.append((both, f"--pack {pack} + {n} hpo worker(s), curves on"))
+                for curves in (True, False):
+                    label = "on" if curves else "off"
+                    both = hpo_and_workers(
+                        f"scale-workers-{label}", pack, args.scale, n, curves=curves
+                    )
+                    scaled.append((both, f"--pack {pack} + {n} hpo worker(s), curves {label}"))
             points = args.trials * args.steps * 2  # train_loss and lr at every step
             rate = ingest_rate(url, points)
         finally:
