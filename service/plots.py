@@ -6,8 +6,9 @@ Importing matplotlib and ``optuna.importance`` (which imports scikit-learn) take
 drawing three figures about 1.5 s more: done in the study's process, after its last trial, that
 was a sixth of a 64-trial study's wall time on two cores. A :class:`PlotDrawer` started with the
 study has the imports done by the time the study ends, on another core and without the training
-loop's interpreter lock. Whatever goes wrong in the child, :func:`draw` draws in this process
-instead; a plot that cannot be drawn at all is skipped, as the study's results stand without it.
+loop's interpreter lock (it holds ~250 MB while it waits). Whatever goes wrong in the child,
+:func:`draw` draws in this process instead; a plot that cannot be drawn at all is skipped, as
+the study's results stand without it.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import subprocess
 import sys
 import warnings
@@ -31,6 +33,10 @@ log = logging.getLogger(__name__)
 
 PLOT_NAMES = ("optimization_history", "param_importances", "parallel_coordinate")
 DRAW_SECONDS = 120.0  # a child that takes longer is stopped and the plots are drawn here
+_BOOT = (
+    "import sys; root = sys.argv[1]; sys.path[:0] = [] if root in sys.path else [root]; "
+    "from service.plots import _child; _child()"
+)
 
 
 def draw_here(
@@ -96,8 +102,9 @@ class PlotDrawer:
     goes away (its stdin closes)."""
 
     def __init__(self, storage_url: str, study_name: str) -> None:
+        # -P: not the working directory's modules, but this process's own `service` package
         self._process = subprocess.Popen(
-            [sys.executable, "-m", "service.plots"],
+            [sys.executable, "-P", "-c", _BOOT, str(Path(__file__).resolve().parents[1])],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -172,6 +179,9 @@ def draw(
 
 def _child() -> None:
     os.nice(10)  # the study's training comes first; this only has to be ready at its end
+    # a Ctrl-C in the terminal reaches the whole process group: the study decides what stops;
+    # this process ends when its stdin closes
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     opened = sys.stdin.readline()
     import matplotlib
 
@@ -185,8 +195,13 @@ def _child() -> None:
     if not opened.strip():
         return
     where = json.loads(opened)
+    from service.studies import open_storage
+
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study = optuna.load_study(study_name=where["study"], storage=where["storage"])
+    # the study's own storage settings: connections checked before use, calls retried while
+    # the database restarts
+    storage = open_storage(where["storage"])
+    study = optuna.load_study(study_name=where["study"], storage=storage)
     line = sys.stdin.readline()
     if not line.strip():
         return  # the parent closed us, or went away: nothing to draw

@@ -18,6 +18,7 @@ import numpy as np
 import optuna
 import torch
 from optuna.trial import FrozenTrial, TrialState
+from sqlalchemy.engine import make_url
 
 from service.datasets import Dataset, load_data
 from service.db.migrations import open_database
@@ -589,8 +590,7 @@ def run_study(
         check_stop=check_stop,
     )
     tracker.on_run_created = hooks.on_run_created
-    # after the pack-size probe, which the child's imports would slow down
-    drawer = PlotDrawer(settings.storage_url, name)
+    drawer = _plot_drawer(settings.storage_url, name)
     try:
         while True:
             train(
@@ -723,6 +723,20 @@ def _best_or_none(study: optuna.Study) -> dict[str, Any] | None:
     try:
         return best_summary(study)
     except StudyError:
+        return None
+
+
+def _plot_drawer(storage_url: str, name: str) -> PlotDrawer | None:
+    """A child process to draw the study's plots, started after the pack-size probe (which its
+    imports would slow down); None where it could not see the study (an in-memory database) or
+    could not start, and the plots are drawn in this process."""
+    url = make_url(storage_url)
+    if url.get_backend_name() == "sqlite" and url.database in (None, "", ":memory:"):
+        return None
+    try:
+        return PlotDrawer(storage_url, name)
+    except OSError as exc:
+        log.warning("could not start the plotting process (%s); the plots are drawn here", exc)
         return None
 
 

@@ -4,6 +4,9 @@ when the child fails."""
 from __future__ import annotations
 
 import logging
+import os
+import signal
+import time
 from pathlib import Path
 
 import optuna
@@ -50,6 +53,28 @@ def test_child_draws_what_this_process_draws(storage_url, tmp_path):
     _check(child, tmp_path / "child")
     (tmp_path / "here").mkdir()
     _check(draw_here(study, tmp_path / "here", searched=searched, shown=shown), tmp_path / "here")
+
+
+def test_child_runs_this_process_code_and_ignores_ctrl_c(tmp_path, monkeypatch):
+    """Started from a folder with other `service` and `matplotlib` packages, the child still
+    imports the ones this process runs (``python -P``); a Ctrl-C meant for the study does not
+    stop it."""
+    url = f"sqlite:///{tmp_path / 'optuna.db'}"
+    study, searched, shown = _study(url)
+    for package in ("service", "matplotlib"):  # what the child imports, from the folder
+        decoy = tmp_path / "cwd" / package
+        decoy.mkdir(parents=True)
+        (decoy / "__init__.py").write_text("raise SystemExit('the working directory was read')\n")
+    monkeypatch.chdir(tmp_path / "cwd")
+    drawer = PlotDrawer(url, study.study_name)
+    try:
+        time.sleep(0.5)  # past the child's start, to where a Ctrl-C would interrupt imports
+        os.kill(drawer._process.pid, signal.SIGINT)
+        (tmp_path / "out").mkdir()
+        files = drawer.draw(tmp_path / "out", searched=searched, shown=shown)
+    finally:
+        drawer.close()
+    _check(files, tmp_path / "out")
 
 
 def test_a_dead_or_failing_child_leaves_the_drawing_to_this_process(storage_url, tmp_path, caplog):
