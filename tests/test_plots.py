@@ -95,7 +95,8 @@ def test_a_dead_or_failing_child_leaves_the_drawing_to_this_process(storage_url,
     assert "Record does not exist" in caplog.text  # the child's own error is passed on
 
 
-def test_child_ends_when_closed_or_when_its_parent_goes(storage_url):
+def test_child_ends_when_closed_or_when_its_parent_goes(tmp_path):
+    storage_url = f"sqlite:///{tmp_path / 'optuna.db'}"  # the storage plays no part here
     study, _, _ = _study(storage_url)
     closed = PlotDrawer(storage_url, study.study_name)
     closed.close()
