@@ -596,12 +596,13 @@ def _skip_teardown() -> None:
     if "sqlalchemy" in sys.modules:
         from sqlalchemy.engine import Engine
 
+        from service.db.engine import in_memory
+
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # isinstance() pokes torch's deprecated attributes
             engines = [o for o in gc.get_objects() if isinstance(o, Engine)]
         for engine in engines:  # Optuna's, the service's, and an embedded MLflow store's
-            url = engine.url
-            if url.get_backend_name() == "sqlite" and url.database in (None, "", ":memory:"):
+            if in_memory(engine.url):
                 continue  # no file to fold a log into; its one connection is another thread's
             try:
                 engine.dispose()

@@ -18,9 +18,9 @@ import numpy as np
 import optuna
 import torch
 from optuna.trial import FrozenTrial, TrialState
-from sqlalchemy.engine import make_url
 
 from service.datasets import Dataset, load_data
+from service.db.engine import in_memory
 from service.db.migrations import open_database
 from service.errors import ExperimentError, HPOError, StudyError
 from service.experiment import KNOBS, Experiment, Knob, parse_experiment
@@ -730,8 +730,7 @@ def _plot_drawer(storage_url: str, name: str) -> PlotDrawer | None:
     """A child process to draw the study's plots, started after the pack-size probe (which its
     imports would slow down); None where it could not see the study (an in-memory database) or
     could not start, and the plots are drawn in this process."""
-    url = make_url(storage_url)
-    if url.get_backend_name() == "sqlite" and url.database in (None, "", ":memory:"):
+    if in_memory(storage_url):
         return None
     try:
         return PlotDrawer(storage_url, name)

@@ -17,6 +17,7 @@ import sqlalchemy.exc
 from optuna.trial import FrozenTrial, TrialState
 from sqlalchemy.engine import make_url
 
+from service.db.engine import sqlite_file
 from service.errors import StudyError
 from service.experiment import KNOBS, Experiment
 from service.retry import retry_transient
@@ -261,7 +262,7 @@ def open_storage(
         detail = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
         raise StudyError(f"cannot open the Optuna storage {safe_url(url)}: {detail}") from None
     storage.retry_seconds = retry_seconds
-    if url.startswith("sqlite") and storage.engine.url.database not in (None, "", ":memory:"):
+    if sqlite_file(storage.engine.url):
         # Every report of every trial is a commit: with a write-ahead log and fsync at
         # checkpoints only, each costs microseconds instead of a sync of the file (a power cut
         # may lose the last reports; a crashed worker loses nothing).

@@ -15,6 +15,7 @@ import optuna
 import sqlalchemy
 from optuna.trial import FrozenTrial, TrialState
 
+from service.db.engine import sqlite_file
 from service.retry import retry_transient
 from service.studies import RetryingRDBStorage, shared_reads
 
@@ -134,7 +135,7 @@ def study_lock(storage: optuna.storages.RDBStorage, study_name: str) -> Iterator
                 yield
             finally:
                 conn.rollback()
-    elif engine.dialect.name == "sqlite" and engine.url.database not in (None, "", ":memory:"):
+    elif sqlite_file(engine.url):
         with open(f"{engine.url.database}.lock", "a") as handle:
             fcntl.flock(handle, fcntl.LOCK_EX)
             try:

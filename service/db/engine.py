@@ -4,10 +4,23 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import URL, Engine, create_engine, event, make_url
 from sqlalchemy.orm import Session, sessionmaker
 
-__all__ = ["make_engine", "make_sessionmaker"]
+__all__ = ["in_memory", "make_engine", "make_sessionmaker", "sqlite_file"]
+
+
+def in_memory(url: str | URL) -> bool:
+    """Whether ``url`` is a SQLite database in memory: only the engine's own connection, in
+    this process, sees it."""
+    url = make_url(url)
+    return url.get_backend_name() == "sqlite" and url.database in (None, "", ":memory:")
+
+
+def sqlite_file(url: str | URL) -> bool:
+    """Whether ``url`` is a SQLite database in a file: one beside which a lock or a write-ahead
+    log can live, and that another process can open."""
+    return make_url(url).get_backend_name() == "sqlite" and not in_memory(url)
 
 
 def make_engine(url: str, **kwargs: Any) -> Engine:
