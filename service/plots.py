@@ -56,13 +56,14 @@ def draw_here(
     complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     if not complete:
         return []
+    history, importances, coordinates = PLOT_NAMES
     makers: list[tuple[str, Callable[[], Any]]] = [
-        ("optimization_history", lambda: plots.plot_optimization_history(study)),
+        (history, lambda: plots.plot_optimization_history(study)),
     ]
     if len(complete) >= 2 and searched:
         makers.append(
             (
-                "param_importances",
+                importances,
                 # PED-ANOVA: fANOVA's random forest took longer than a small study's training
                 lambda: plots.plot_param_importances(
                     study, evaluator=PedAnovaImportanceEvaluator(), params=list(searched)
@@ -71,10 +72,7 @@ def draw_here(
         )
     if shown:
         makers.append(
-            (
-                "parallel_coordinate",
-                lambda: plots.plot_parallel_coordinate(study, params=list(shown)),
-            )
+            (coordinates, lambda: plots.plot_parallel_coordinate(study, params=list(shown)))
         )
     written = []
     with warnings.catch_warnings():
