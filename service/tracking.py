@@ -92,14 +92,18 @@ _LOG_BATCH = "/api/2.0/mlflow/runs/log-batch"
 
 
 class TrackingClient(MlflowClient):
-    """MLflow's client, except that a batch of metric points alone (the curves), all finite,
-    goes to a tracking server as the REST API's JSON, built straight from the points.
+    """MLflow's client, except that a batch of finite metric points (the curves), with the
+    params and tags that share its request, goes to a tracking server as the REST API's JSON,
+    built straight from the entities.
 
     MlflowClient copies each point into a new Metric, then a protobuf message, then a dict (and
     JSON text, read back) before requests writes it: about 25 µs a point on the H200 host of
-    docs/benchmarks.md, in the sender threads that share the trainer's interpreter lock. The
-    request, its headers, credentials and retries, and the reading of its answer are MLflow's
-    own (``http_request``, ``verify_rest_response``); anything else goes through MlflowClient."""
+    docs/benchmarks.md, in the sender threads that share the trainer's interpreter lock. A
+    trial's points are merged with its params and its end's tags (the outbox's groups), so a
+    batch of points alone is the exception: both go this way. The request, its headers,
+    credentials and retries, and the reading of its answer are MLflow's own (``http_request``,
+    ``verify_rest_response``); anything else (a NaN, more than one request's worth, async
+    logging, a point of a logged model or a dataset) goes through MlflowClient."""
 
     def log_batch(
         self,
@@ -113,31 +117,36 @@ class TrackingClient(MlflowClient):
         store = getattr(getattr(self, "_tracking_client", None), "store", None)
         if synchronous is None:
             synchronous = not MLFLOW_ENABLE_ASYNC_LOGGING.get()
-        points = None
+        body = None
         if (
-            not (params or tags)
-            and 0 < len(metrics) <= MAX_BATCH
+            # what MlflowClient sends in one request: it splits more across several
+            0 < len(metrics) + len(params) + len(tags) <= MAX_BATCH
+            and len(params) <= MAX_PARAMS
+            and len(tags) <= MAX_TAGS
             and synchronous
             and isinstance(store, RestStore)
             # a point tied to a logged model or a dataset carries more than these four fields
-            and get_active_model_id() is None
+            and (not metrics or get_active_model_id() is None)
             and not any(m.model_id or m.dataset_name or m.dataset_digest for m in metrics)
         ):
-            points = _json_points(metrics)
-        if points is None:
+            body = _json_batch(run_id, metrics, params, tags)
+        if body is None:
             return super().log_batch(
                 run_id, metrics=metrics, params=params, tags=tags, synchronous=synchronous
             )
-        body = {"run_id": run_id, "metrics": points}
         response = http_request(store.get_host_creds(), _LOG_BATCH, "POST", json=body)
         verify_rest_response(response, _LOG_BATCH)
         return None
 
 
-def _json_points(metrics: Sequence[Metric]) -> list[dict[str, Any]] | None:
-    """The points as the REST API's JSON, their values as floats and steps and timestamps as
-    integers (numpy or torch scalars included, as MlflowClient takes them); None when a value
-    is not finite (JSON has no NaN or infinity) or not a number: MlflowClient sends those."""
+def _json_batch(
+    run_id: str, metrics: Sequence[Metric], params: Sequence[Param], tags: Sequence[RunTag]
+) -> dict[str, Any] | None:
+    """The body of a log-batch request as the REST API's JSON: values of points as floats,
+    steps and timestamps as integers (numpy or torch scalars included, as MlflowClient takes
+    them), params' values as text (MlflowClient's ``str``). None when MlflowClient should send
+    it: a value that is not finite (JSON has no NaN or infinity) or not a number, a key or a
+    tag's value that is not text (its protobuf refuses those, with MLflow's own error)."""
     try:
         points = [
             {
@@ -150,7 +159,21 @@ def _json_points(metrics: Sequence[Metric]) -> list[dict[str, Any]] | None:
         ]
     except (TypeError, ValueError):
         return None
-    return points if all(math.isfinite(p["value"]) for p in points) else None
+    if not all(math.isfinite(p["value"]) for p in points):
+        return None
+    entities = [*metrics, *params, *tags]
+    if not all(isinstance(e.key, str) for e in entities):
+        return None
+    if not all(isinstance(t.value, str) for t in tags):
+        return None
+    body: dict[str, Any] = {"run_id": run_id}
+    if points:
+        body["metrics"] = points
+    if params:
+        body["params"] = [{"key": p.key, "value": str(p.value)} for p in params]
+    if tags:
+        body["tags"] = [{"key": t.key, "value": t.value} for t in tags]
+    return body
 
 
 def connect(tracking_uri: str) -> TrackingClient:

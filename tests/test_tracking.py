@@ -309,7 +309,16 @@ def test_a_full_request_goes_at_once_and_a_small_one_lingers(mlflow_server):
     short.close()
 
 
-def test_tracker_layout_and_ordering(mlflow_server):
+def test_tracker_layout_and_ordering(mlflow_server, monkeypatch):
+    # counts the batches that MlflowClient sends itself (its protobuf path), then sends them
+    through_mlflow: list[str] = []
+    mlflows = MlflowClient.log_batch
+
+    def counted(self, run_id, *args, **kwargs):
+        through_mlflow.append(run_id)
+        return mlflows(self, run_id, *args, **kwargs)
+
+    monkeypatch.setattr(MlflowClient, "log_batch", counted)
     client = RecordingClient(mlflow_server.url)
     tracker = StudyTracker(client, "tracker-layout")
     parent = tracker.start_study(
@@ -331,6 +340,8 @@ def test_tracker_layout_and_ordering(mlflow_server):
     assert calls[-1] == ("set_terminated", 0), "the run must end after all its points"
     assert sum(n for _, n in calls) == 2 * 2500 + 2  # curves, ema_val_loss, objective
     assert max(client.batch_sizes) <= MAX_BATCH
+    # a trial's points share requests with its params and its end's tags: all go as JSON
+    assert through_mlflow == []
     run = client.get_run(run_id)
     assert run.info.status == "FINISHED"
     assert run.data.tags["mlflow.parentRunId"] == parent
@@ -436,12 +447,28 @@ def test_curves_sent_as_json_read_back_as_mlflows_client_sends_them(mlflow_serve
     model = ours.create_logged_model(experiment)
     ours.log_batch(run_a, metrics=[Metric("auc", 0.9, 1, 0, model_id=model.model_id)])
     assert {m.key for m in ours.get_logged_model(model.model_id).metrics} == {"auc"}
-    # what MLflow's client sends instead: a value JSON cannot hold, params and tags beside
+    # what MLflow's client sends instead: a value JSON cannot hold
     ours.log_batch(run_a, metrics=[Metric("val_loss", math.nan, 1, 3)])
-    ours.log_batch(run_a, metrics=[Metric("val_loss", 0.5, 2, 4)], params=[Param("k", "v")])
+    # params and tags beside points: a param's value as text, empty texts kept
+    extra = {
+        "params": [Param("lr_base", 0.1), Param("staircase", True), Param("note", "")],
+        "tags": [RunTag("hpo.state", "COMPLETE"), RunTag("hpo.reason", "")],
+    }
+    for client, run in ((ours, run_a), (mlflows, run_b)):
+        client.log_batch(run, metrics=[Metric("val_loss", 0.5, 2, 4)], **extra)
     assert [m.step for m in ours.get_metric_history(run_a, "val_loss")] == [3, 4]
     assert math.isnan(ours.get_metric_history(run_a, "val_loss")[0].value)
-    assert ours.get_run(run_a).data.params == {"k": "v"}
+    a, b = ours.get_run(run_a).data, ours.get_run(run_b).data
+    assert a.params == b.params == {"lr_base": "0.1", "staircase": "True", "note": ""}
+    tagged = {"hpo.state": "COMPLETE", "hpo.reason": ""}
+    assert {k: a.tags.get(k) for k in tagged} == {k: b.tags.get(k) for k in tagged} == tagged
+    # a tag whose value is not text is MLflow's client's to refuse, as it does
+    refused = []
+    for client, run in ((ours, run_a), (mlflows, run_b)):
+        with pytest.raises(Exception) as caught:
+            client.log_batch(run, tags=[RunTag("hpo.count", 5)])
+        refused.append(type(caught.value))
+    assert refused[0] is refused[1]
     # the server's refusal reads as MlflowClient's does
     errors = []
     for client in (ours, mlflows):
