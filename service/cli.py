@@ -253,8 +253,7 @@ def _train(start: Any, settings: Any) -> None:
 
     def started(report) -> None:
         nonlocal task
-        n = report.cpu_threads
-        threads = "" if report.device.startswith("cuda") else f" ({n} thread{'s' * (n > 1)})"
+        threads = f" ({report.threads_reason})" if report.threads_reason else ""
         console.print(
             f"study [bold]{report.study_name}[/]: up to {report.trials_run} trials here on "
             f"{report.device}{threads}, {report.pack_size} at a time ({report.pack_reason})"

@@ -49,7 +49,12 @@ from service.training import (
     resolve_device,
     train,
 )
-from service.training.packing import SEARCH_ROUNDS, choose_pack_size
+from service.training.packing import (
+    SEARCH_ROUNDS,
+    TORCH_CPU_THREADS,
+    choose_cpu_threads,
+    choose_pack_size,
+)
 from service.workers import Heartbeat, claim_trial, claimed, has_room, requeue, stale_trials
 
 __all__ = [
@@ -93,6 +98,7 @@ class StudyReport:
     pack_reason: str
     cpu_threads: int
     trials_run: int
+    threads_reason: str = ""  # on a CPU: why that many threads
     counts: dict[str, int] = field(default_factory=dict)
     best: dict[str, Any] | None = None
     elapsed: float = 0.0
@@ -477,8 +483,8 @@ def run_study(
         device = resolve_device(settings.device)
     except ValueError as exc:
         raise HPOError(f"--device: {exc}") from None
-    if settings.cpu_threads is not None:
-        torch.set_num_threads(settings.cpu_threads)
+    # (set again each time: an earlier study in this process may have chosen fewer)
+    torch.set_num_threads(settings.cpu_threads or TORCH_CPU_THREADS)
     data = load_data(experiment.data, seed=experiment.search.seed)
     shape = network_shape(experiment, data)
     loss = make_loss(experiment)
@@ -528,6 +534,14 @@ def run_study(
         cuda_graph=settings.cuda_graphs,
         own_tables=experiment.training.seed_per_trial,
     )
+    if device.type != "cpu":
+        threads_reason = ""
+    elif settings.cpu_threads is not None:
+        threads_reason = f"{settings.cpu_threads} thread{'s' * (settings.cpu_threads > 1)}, as set"
+    else:
+        threads = choose_cpu_threads(shape, loss, data.training, config, pack)
+        torch.set_num_threads(threads.threads)
+        threads_reason = threads.reason
 
     tracker = StudyTracker(
         client, name, artifact_root=settings.artifacts_dir, outbox_dir=settings.outbox_dir
@@ -570,6 +584,7 @@ def run_study(
         pack_size=pack,
         pack_reason=pack_reason,
         cpu_threads=torch.get_num_threads(),
+        threads_reason=threads_reason,
         trials_run=planned,
         backlog=tracker.outbox.backlog,
     )

@@ -38,8 +38,8 @@ class Settings(BaseSettings):
     cpu_threads: int | None = Field(
         default=None,
         ge=1,
-        description="torch's CPU threads for training (default: torch's, one per core); fewer "
-        "when an MLflow server or other workers share the cores",
+        description="torch's CPU threads for training (default: measured: torch's one per "
+        "core when each thread past the first adds half a thread's speed, else one)",
     )
     cuda_graphs: bool = Field(
         default=True,

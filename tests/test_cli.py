@@ -359,6 +359,12 @@ def test_pack_auto_says_the_size_it_measured_and_why(hpo, tmp_path):
     reasons = r"capped by the search \(a quarter of the 8 trials|not >10% faster|under a tenth"
     assert re.search(f"({reasons})", said)
     assert "8 trials here" in said
+    # the threads, measured too: one, unless each one past the first adds half a thread's speed
+    threads = (
+        r"on cpu \((1 thread|1 thread: \d+ were only [\d.]+× as fast"
+        r"|\d+ threads: [\d.]+× as fast as 1)\)"
+    )
+    assert re.search(threads, said), said
     study = optuna.load_study(study_name="tiny", storage=hpo.storage)
     assert {t.state.name for t in study.trials} == {"COMPLETE"}
 
@@ -374,7 +380,7 @@ def test_grid_study_stops_at_the_grid_size(hpo, tmp_path):
     hpo.env["HPO_CPU_THREADS"] = "1"
     result = hpo("run", str(path), "--trials", "10", "--device", "cpu")
     assert result.returncode == 0, result.stderr
-    assert "on cpu (1 thread), 3 at a time" in " ".join(result.stdout.split())  # torch's count
+    assert "on cpu (1 thread, as set), 3 at a time" in " ".join(result.stdout.split())
     study = optuna.load_study(study_name="tiny", storage=hpo.storage)
     points = {(t.params["lr_base"], t.params["ema_decay"]) for t in study.trials}
     assert points == {(0.05, 0.9), (0.05, 0.99), (0.2, 0.9), (0.2, 0.99)}

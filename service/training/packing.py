@@ -1,5 +1,6 @@
 """How many trials to train at once (``--pack auto``): as many as the device's free memory
-holds and its speed rewards, measured by a short probe of steps per second."""
+holds and its speed rewards, measured by a short probe of steps per second; and, on a CPU, how
+many threads that pack's steps are worth."""
 
 from __future__ import annotations
 
@@ -22,10 +23,14 @@ from service.training.trainer import (
 __all__ = [
     "HOST_SECONDS_PER_TRIAL",
     "SEARCH_ROUNDS",
+    "TORCH_CPU_THREADS",
     "PackChoice",
+    "ThreadChoice",
+    "choose_cpu_threads",
     "choose_pack_size",
     "free_memory",
     "slot_bytes",
+    "threads_pay",
 ]
 
 _PROBE_STEPS = 12
@@ -46,6 +51,11 @@ HOST_SECONDS_PER_TRIAL = 0.1
 # less than that share of a trial's time, while each running trial makes every ask's read of
 # the study longer.
 _HOST_SHARE = 0.1
+# Each CPU thread past the first must add this share of a thread's speed to be kept: the cores
+# also run the study's other work (MLflow's senders, a local tracking server, the plot child,
+# other workers), and torch's threads, which spin while they wait, take it from them.
+_THREAD_GAIN = 0.5
+TORCH_CPU_THREADS = torch.get_num_threads()  # torch's default, before anyone sets it
 
 
 @dataclass(frozen=True)
@@ -221,3 +231,53 @@ def choose_pack_size(
         f"({rates[best] / rates[1]:.1f}×); {why}; memory allows {by_memory:,}"
     )
     return PackChoice(best, reason, rates)
+
+
+@dataclass(frozen=True)
+class ThreadChoice:
+    threads: int
+    reason: str  # e.g. "1 thread: 2 were only 1.03× as fast"
+    rates: dict[int, float]  # trial-steps per second on each thread count probed
+
+
+def threads_pay(rate_many: float, rate_one: float, many: int) -> bool:
+    """Whether ``many`` threads, training ``rate_many`` trial-steps per second against
+    ``rate_one`` for one, add at least half a thread's speed for each thread past the first."""
+    return rate_many >= (1 + _THREAD_GAIN * (many - 1)) * rate_one
+
+
+def choose_cpu_threads(
+    shape: NetworkShape,
+    loss: Loss,
+    data: TrainingData,
+    config: TrainingConfig,
+    size: int,
+    *,
+    many: int = TORCH_CPU_THREADS,
+) -> ThreadChoice:
+    """Torch's CPU threads for packs of ``size`` trials: ``many`` (torch's default, one per
+    core) when a probe shows that each thread past the first adds at least half a thread's
+    speed, else one. Torch's thread count is left as it was found.
+
+    The small networks these studies tune run their steps as many tiny ops, which threads
+    barely speed up (on a 2-core VM a pack of 16 trained about 1.03× as fast on 2 threads as on
+    1), while the waiting threads keep a core busy that the study's other work needs: on that
+    VM a 64-trial study with full curves took about 20% longer on 2 threads
+    (docs/benchmarks.md)."""
+    if many <= 1:
+        return ThreadChoice(1, "1 thread", {})
+    cpu = torch.device("cpu")
+    found = torch.get_num_threads()
+
+    def rate(threads: int) -> float:  # the better of two: a probe of a few steps is easily upset
+        torch.set_num_threads(threads)
+        return max(_probe(shape, loss, data, config, size, cpu) for _ in range(2))
+
+    try:
+        rate_many, rate_one = rate(many), rate(1)
+    finally:
+        torch.set_num_threads(found)
+    ratio, rates = rate_many / rate_one, {many: rate_many, 1: rate_one}
+    if threads_pay(rate_many, rate_one, many):
+        return ThreadChoice(many, f"{many} threads: {ratio:.2f}× as fast as 1", rates)
+    return ThreadChoice(1, f"1 thread: {many} were only {ratio:.2f}× as fast", rates)

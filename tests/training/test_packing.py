@@ -1,4 +1,5 @@
-"""`--pack auto`: the size comes from a probe on the device, within memory and the trials."""
+"""`--pack auto`: the size comes from a probe on the device, within memory and the trials; on a
+CPU, the threads from a probe too."""
 
 import numpy as np
 import torch
@@ -6,7 +7,14 @@ from sklearn.datasets import load_digits
 
 from service.training import Loss, NetworkShape, TrainingConfig, TrainingData
 from service.training.network import parameter_count
-from service.training.packing import choose_pack_size, free_memory, slot_bytes
+from service.training.packing import (
+    ThreadChoice,
+    choose_cpu_threads,
+    choose_pack_size,
+    free_memory,
+    slot_bytes,
+    threads_pay,
+)
 from service.training.trainer import Schedule, TrialSpec, _Pack
 
 SHAPE = NetworkShape(inputs=64, hidden=(64,), outputs=10)
@@ -116,3 +124,28 @@ def test_auto_stops_growing_the_pack_once_it_outpaces_the_host():
         assert keeps_up[-1] and bound.size == probed[-1]
     fast_host = choose_pack_size(SHAPE, loss, data, CONFIG, cpu, trials=1000, host_seconds=1e-9)
     assert "host" not in fast_host.reason and fast_host.size >= 4
+
+
+def test_a_cpu_thread_past_the_first_must_add_half_a_thread():
+    assert threads_pay(1.5, 1.0, 2) and not threads_pay(1.49, 1.0, 2)
+    assert threads_pay(8.5, 1.0, 16) and not threads_pay(8.4, 1.0, 16)
+
+
+def test_cpu_threads_come_from_a_probe_and_torch_is_left_as_found():
+    data, loss = digits(), Loss("softmax_cross_entropy")
+    found = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert choose_cpu_threads(SHAPE, loss, data, CONFIG, 16, many=1) == ThreadChoice(
+            1, "1 thread", {}
+        )
+        choice = choose_cpu_threads(SHAPE, loss, data, CONFIG, 16, many=2)
+        assert torch.get_num_threads() == 1, "the probe must leave torch's threads as it found them"
+        assert set(choice.rates) == {1, 2} and min(choice.rates.values()) > 0
+        pays = threads_pay(choice.rates[2], choice.rates[1], 2)
+        assert choice.threads == (2 if pays else 1)
+        ratio = f"{choice.rates[2] / choice.rates[1]:.2f}×"
+        expected = f"2 threads: {ratio} as fast as 1" if pays else f"1 thread: 2 were only {ratio}"
+        assert choice.reason.startswith(expected)
+    finally:
+        torch.set_num_threads(found)
