@@ -9,7 +9,7 @@ from typing import TypeVar
 
 import sqlalchemy.exc
 
-__all__ = ["is_transient", "retry_transient"]
+__all__ = ["describe", "is_transient", "retry_transient"]
 
 log = logging.getLogger(__name__)
 
@@ -43,11 +43,18 @@ def retry_transient(fn: Callable[[], T], *, seconds: float, what: str = "databas
         except Exception as exc:
             if not is_transient(exc) or time.monotonic() + delay > deadline:
                 raise
-            log.warning("%s failed (%s); retrying in %.1fs", what, _first_line(exc), delay)
+            log.warning("%s failed (%s); retrying in %.1fs", what, describe(exc), delay)
         time.sleep(delay)
         delay = min(delay * 2, 5.0)
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(getattr(exc, "orig", None) or exc).strip()
+def describe(exc: BaseException) -> str:
+    """The first line of what the database driver said, found under Optuna's wrapping (its
+    own message blames "invalid data" for any failed commit, a dropped connection included)."""
+    cause: BaseException | None = exc
+    for _ in range(5):
+        if cause is None or getattr(cause, "orig", None) is not None:
+            break
+        cause = cause.__cause__
+    text = str(getattr(cause, "orig", None) or exc).strip()
     return text.splitlines()[0][:200] if text else type(exc).__name__

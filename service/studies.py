@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
+import logging
 import secrets
 import threading
 import warnings
 from collections import Counter
-from collections.abc import Callable, Container, Iterable, Iterator, Mapping
+from collections.abc import Callable, Container, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 import optuna
@@ -30,6 +33,7 @@ __all__ = [
     "ATTR_EXPERIMENT_TEXT",
     "ATTR_FINGERPRINT",
     "ATTR_TARGET",
+    "CREATE_KEY",
     "RetryingRDBStorage",
     "SharedReads",
     "StudySummary",
@@ -42,6 +46,8 @@ __all__ = [
     "study_summaries",
     "trial_summary",
 ]
+
+log = logging.getLogger(__name__)
 
 ATTR_FINGERPRINT = "hpo.fingerprint"
 ATTR_EXPERIMENT = "hpo.experiment"
@@ -67,6 +73,116 @@ class RetryingRDBStorage(optuna.storages.RDBStorage):
     Inside :func:`shared_reads`, reads of a study's trials share one query."""
 
     retry_seconds: float = 60.0
+
+    def _create_new_trial(
+        self, study_id: int, template_trial: FrozenTrial | None = None
+    ) -> FrozenTrial:
+        """Optuna's, made safe to try again. A commit whose answer was lost (the database
+        restarted just after it) made the trial although the call failed, and both Optuna's
+        own retries inside this call and ours would make another: the first would stay
+        RUNNING with no worker, to be failed much later with no MLflow run. So each create
+        carries a key (:data:`CREATE_KEY`); after any failed try, the trials with the key are
+        looked up, one is kept as the one created, and a RUNNING copy is queued (WAITING) for
+        the next ask instead of left behind."""
+        key = secrets.token_hex(8)
+        template = _keyed(template_trial, key)
+        tried = False
+
+        def attempt() -> FrozenTrial:
+            nonlocal tried
+            if tried and (made := self._created_with(study_id, key)):
+                return self._keep(made, made[0]._trial_id)
+            tried = True
+            rollbacks = _rollbacks_here(self)
+            created = optuna.storages.RDBStorage._create_new_trial(self, study_id, template)
+            if _rollbacks_here(self) != rollbacks:  # Optuna tried again inside
+                self._keep(self._created_with(study_id, key), created._trial_id)
+            return created
+
+        return retry_transient(attempt, seconds=self.retry_seconds, what="creating a trial")
+
+    def _created_with(self, study_id: int, key: str) -> list[FrozenTrial]:
+        # every state named: a read that names states is never answered from a shared block
+        trials = self.get_all_trials(study_id, deepcopy=False, states=tuple(TrialState))
+        return sorted(
+            (t for t in trials if t.system_attrs.get(CREATE_KEY) == key), key=lambda t: t.number
+        )
+
+    def _keep(self, made: list[FrozenTrial], trial_id: int) -> FrozenTrial:
+        """Of the trials one create made, keep ``trial_id``'s; queue the other RUNNING ones."""
+        for other in made:
+            if other._trial_id == trial_id:
+                continue
+            if other.state == TrialState.RUNNING:
+                self.set_trial_state_values(other._trial_id, TrialState.WAITING)
+                log.warning(
+                    "trial %d was made twice (a commit's answer was lost); "
+                    "the copy is queued for the next ask",
+                    other.number,
+                )
+            else:
+                log.warning("trial %d was made twice (a commit's answer was lost)", other.number)
+        return next(t for t in made if t._trial_id == trial_id)
+
+    def set_trial_state_values(
+        self, trial_id: int, state: TrialState, values: Sequence[float] | None = None
+    ) -> bool:
+        """Optuna's, tried again while the database is away; a try that finds the trial
+        already finished as asked was preceded by one whose commit lost its answer."""
+        tried = False
+
+        def attempt() -> bool:
+            nonlocal tried
+            try:
+                return optuna.storages.RDBStorage.set_trial_state_values(
+                    self, trial_id, state, values
+                )
+            except optuna.exceptions.UpdateFinishedTrialError:
+                if tried and self.get_trial(trial_id).state == state:
+                    return True
+                raise
+            finally:
+                tried = True
+
+        return retry_transient(attempt, seconds=self.retry_seconds, what="Optuna set_trial_state")
+
+
+CREATE_KEY = "hpo.create_key"
+_rollbacks = threading.local()  # .count: rollbacks of Optuna sessions on this thread
+
+
+def _count_rollback(_session: Any, _previous: Any) -> None:
+    _rollbacks.count = getattr(_rollbacks, "count", 0) + 1
+
+
+def _rollbacks_here(storage: optuna.storages.RDBStorage) -> int:
+    """Rollbacks of Optuna's sessions on this thread so far: Optuna rolls back each try that
+    failed, also the ones it tries again by itself."""
+    sessions = storage.scoped_session  # made again when the storage is unpickled
+    if not sqlalchemy.event.contains(sessions, "after_soft_rollback", _count_rollback):
+        sqlalchemy.event.listen(sessions, "after_soft_rollback", _count_rollback)
+    return getattr(_rollbacks, "count", 0)
+
+
+def _keyed(template: FrozenTrial | None, key: str) -> FrozenTrial:
+    """``template`` (Optuna's for a trial asked: RUNNING, started now) with ``key`` added."""
+    if template is None:
+        return FrozenTrial(
+            number=-1,
+            state=TrialState.RUNNING,
+            value=None,
+            datetime_start=datetime.now(),
+            datetime_complete=None,
+            params={},
+            distributions={},
+            user_attrs={},
+            system_attrs={CREATE_KEY: key},
+            intermediate_values={},
+            trial_id=-1,
+        )
+    keyed = copy.copy(template)
+    keyed.system_attrs = {**template.system_attrs, CREATE_KEY: key}
+    return keyed
 
 
 _blocks = threading.local()  # .open: the thread's shared-reads blocks, by id of their storage
@@ -202,13 +318,14 @@ def _sharing(call: Callable[..., Any]) -> Callable[..., Any]:
     return read
 
 
+_PRIVATE_CALLS = {"_get_stale_trial_ids", "_get_trials", "_set_trial_param", "_get_best_trial_id"}
 # every call that talks to the database; the schema and session plumbing is left alone
-_STORAGE_CALLS = sorted(
+_DATABASE_CALLS = sorted(
     name
     for name, value in vars(optuna.storages.RDBStorage).items()
     if callable(value)
-    # Optuna's cache reads trials through the private _get_trials
-    and (not name.startswith("_") or name in {"_get_stale_trial_ids", "_get_trials"})
+    # Optuna's cache goes through these private ones
+    and (not name.startswith("_") or name in _PRIVATE_CALLS)
     and name
     not in {
         "remove_session",
@@ -221,13 +338,15 @@ _STORAGE_CALLS = sorted(
         "get_failed_trial_callback",
     }
 )
+# tried again as they are; the rest RetryingRDBStorage makes safe to try again itself
+_STORAGE_CALLS = [name for name in _DATABASE_CALLS if name not in vars(RetryingRDBStorage)]
 # What changes trials or studies. Left out: _create_new_trial, through which Optuna's cache
 # adds a trial (an ask's, or an enqueued one) and keeps the trial it returns, so a shared read
 # that lacks it still leaves it in the cache, as the next fresh read would; only other trials
 # are read in between (the search space, the sampler). The public create_new_trial, which no
 # cache sees, does end the block's reads.
 _WRITES = {"_set_trial_param"} | {
-    name for name in _STORAGE_CALLS if name.startswith(("create_", "delete_", "set_"))
+    name for name in _DATABASE_CALLS if name.startswith(("create_", "delete_", "set_"))
 }
 for _name in _STORAGE_CALLS:
     setattr(RetryingRDBStorage, _name, _retrying(_name))

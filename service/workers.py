@@ -16,7 +16,7 @@ import sqlalchemy
 from optuna.trial import FrozenTrial, TrialState
 
 from service.db.engine import sqlite_file
-from service.retry import retry_transient
+from service.retry import describe, retry_transient
 from service.studies import RetryingRDBStorage, shared_reads
 
 __all__ = [
@@ -181,4 +181,6 @@ class Heartbeat:
                 try:  # without the storage's retries: the next beat is the retry
                     optuna.storages.RDBStorage.record_heartbeat(self._storage, trial_id)
                 except Exception as exc:  # the next beat tries again; the grace covers a gap
-                    log.warning("could not record the heartbeat of trial id %d: %s", trial_id, exc)
+                    log.warning(
+                        "could not record the heartbeat of trial id %d: %s", trial_id, describe(exc)
+                    )

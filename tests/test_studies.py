@@ -255,3 +255,84 @@ def test_a_retried_claim_counts_what_other_workers_took_meanwhile(storage_url):
         logging.getLogger("service.retry").removeHandler(handler)
     assert [t is not None for t in handler.taken] == [True]
     assert claimed(other.get_trials()) == 2
+
+
+class LostAnswers(RetryingRDBStorage):
+    """A real storage whose next ``lose`` commits that write a row of ``table`` are made in
+    the database and then reported failed by the driver, as when the database restarts
+    between a commit and its answer (the connection is dropped with it)."""
+
+    def __init__(self, url: str, table: str = "trials") -> None:
+        super().__init__(url)
+        self.table, self.lose, self._armed = table, 0, False
+        sqlalchemy.event.listen(self.scoped_session, "after_flush", self._wrote)
+        dialect = self.engine.dialect
+        commit = dialect.do_commit
+
+        def do_commit(dbapi_connection) -> None:
+            commit(dbapi_connection)
+            if self._armed:
+                self._armed, self.lose = False, self.lose - 1
+                error = dialect.loaded_dbapi.OperationalError
+                raise error("server closed the connection unexpectedly")
+
+        dialect.do_commit = do_commit
+
+    def _wrote(self, session, _context) -> None:
+        rows = (*session.new, *session.dirty)
+        if self.lose and any(getattr(r, "__tablename__", "") == self.table for r in rows):
+            self._armed = True
+
+
+def test_a_trial_whose_commit_lost_its_answer_is_not_left_running(storage_url):
+    """Optuna tries the create again by itself: the trial made by the first try is queued
+    for the next ask, not left RUNNING with no worker (it would be failed much later)."""
+    storage = LostAnswers(storage_url)
+    study = optuna.create_study(study_name="s", storage=storage)
+    storage.lose = 1
+    first = study.ask()
+    assert storage.lose == 0, "the answer was lost"
+    states = {t.number: t.state for t in study.get_trials()}
+    assert states == {first.number: TrialState.RUNNING, 1 - first.number: TrialState.WAITING}
+    second = study.ask()
+    assert {first.number, second.number} == {0, 1}
+    assert {t.state for t in study.get_trials()} == {TrialState.RUNNING}
+
+
+def test_a_create_that_failed_after_its_commits_keeps_the_first_and_the_budget(storage_url):
+    """Every one of Optuna's own tries loses its answer, so the create fails: tried again,
+    it finds the trials its tries made, keeps the first and queues the rest, and a budget
+    of five is met by those five trials exactly."""
+    storage = LostAnswers(storage_url)
+    study = optuna.create_study(study_name="s", storage=storage)
+    storage.lose = 5  # Optuna's tries of one create
+    taken = [claim_trial(study, storage, target=5)]
+    assert storage.lose == 0
+    assert taken[0].number == 0
+    queued = study.get_trials(states=(TrialState.WAITING,))
+    assert [t.number for t in queued] == [1, 2, 3, 4]
+    taken += [claim_trial(study, storage, target=5) for _ in range(5)]
+    assert [t.number for t in taken[:5]] == [0, 1, 2, 3, 4]
+    assert taken[5] is None, "the copies took the budget's places"
+    assert len(study.get_trials()) == 5
+
+
+def test_a_tell_whose_commit_lost_its_answer_succeeds(storage_url):
+    storage = LostAnswers(storage_url)
+    study = optuna.create_study(study_name="s", storage=storage)
+    trial = study.ask()
+    storage.lose = 1
+    study.tell(trial, 0.5)
+    assert storage.lose == 0
+    (done,) = study.get_trials()
+    assert (done.state, done.value) == (TrialState.COMPLETE, 0.5)
+
+
+def test_a_param_whose_commit_lost_its_answer_is_kept_once(storage_url):
+    storage = LostAnswers(storage_url, table="trial_params")
+    study = optuna.create_study(study_name="s", storage=storage)
+    trial = study.ask()
+    storage.lose = 1
+    x = trial.suggest_float("x", 0.0, 1.0)
+    assert storage.lose == 0
+    assert study.get_trials()[0].params == {"x": x}

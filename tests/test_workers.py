@@ -104,6 +104,15 @@ class Cluster:
     def log(self, name: str) -> str:
         return (self.tmp / f"{name}.log").read_text()
 
+    def logs(self) -> str:
+        """The test's logs (processes and servers), tracebacks left out, the last 60 lines of
+        each: for a failure's message."""
+        parts = []
+        for path in sorted(self.tmp.glob("*.log")):
+            lines = [line for line in path.read_text().splitlines() if not line[:1].isspace()]
+            parts += [f"--- {path.name}", *lines[-60:]]
+        return "\n".join(parts)
+
     def launch(self, text: str) -> None:
         """Register the study (no trials of its own), as `hpo run --trials 0` does."""
         path = self.tmp / "exp.toml"
@@ -167,6 +176,8 @@ def check_study(c: Cluster, *, complete: int, steps: int = STEPS) -> list[optuna
     assert all(n == 1 for n in by_number.values()), "one MLflow run per trial"
     assert not [r for r in runs if r.info.status == "RUNNING"], "no run left RUNNING"
     runs_by_number = {int(r.data.tags["hpo.trial_number"]): r for r in children}
+    missing = [(t.number, t.state.name) for t in trials if t.number not in runs_by_number]
+    assert not missing, f"trials without an MLflow run: {missing}\n{c.logs()}"
     for trial in trials:
         run = runs_by_number[trial.number]
         # a trial that started while MLflow was away got its run later: Optuna may lack its id
