@@ -17,6 +17,8 @@ from typing import Any
 
 import optuna
 import sqlalchemy.exc
+from optuna.storages._rdb import models as _models  # Optuna's tables, for the two writes below
+from optuna.storages._rdb.storage import _create_scoped_session
 from optuna.trial import FrozenTrial, TrialState
 from sqlalchemy.engine import make_url
 
@@ -74,98 +76,87 @@ class RetryingRDBStorage(optuna.storages.RDBStorage):
 
     retry_seconds: float = 60.0
 
+    def create_new_trial(self, study_id: int, template_trial: FrozenTrial | None = None) -> int:
+        return self._create_new_trial(study_id, template_trial)._trial_id
+
     def _create_new_trial(
         self, study_id: int, template_trial: FrozenTrial | None = None
     ) -> FrozenTrial:
         """Optuna's, made safe to try again. A commit whose answer was lost (the database
-        restarted just after it) made the trial although the call failed, and both Optuna's
-        own retries inside this call and ours would make another: the first would stay
-        RUNNING with no worker, to be failed much later with no MLflow run. So each create
-        carries a key (:data:`CREATE_KEY`); after any failed try, the trials with the key are
-        looked up, one is kept as the one created, and a RUNNING copy is queued (WAITING) for
-        the next ask instead of left behind."""
-        key = secrets.token_hex(8)
-        template = _keyed(template_trial, key)
+        went down just after it) made the trial although the call failed; another try would
+        make a second, and the first would stay RUNNING with no worker, to be failed much
+        later with no MLflow run. So each create carries a key (:data:`CREATE_KEY`), and
+        each try after the first looks for a trial with it before making one. Optuna's own
+        loop, which tries again after any failed commit, is replaced by one try per attempt
+        (the same statements, in one transaction that locks the study's row)."""
+        template = _keyed(template_trial, secrets.token_hex(8))
         tried = False
 
         def attempt() -> FrozenTrial:
             nonlocal tried
-            if tried and (made := self._created_with(study_id, key)):
-                return self._keep(made, made[0]._trial_id)
+            if tried and (made := self._created_with(study_id, template)) is not None:
+                return made
             tried = True
-            rollbacks = _rollbacks_here(self)
-            created = optuna.storages.RDBStorage._create_new_trial(self, study_id, template)
-            if _rollbacks_here(self) != rollbacks:  # Optuna tried again inside
-                self._keep(self._created_with(study_id, key), created._trial_id)
+            with _create_scoped_session(self.scoped_session) as session:
+                # the lock numbers trials one at a time, as in Optuna's
+                _models.StudyModel.find_or_raise_by_id(study_id, session, for_update=True)
+                row = self._get_prepared_new_trial(study_id, template, session)
+                created = copy.deepcopy(template)
+                created.number, created._trial_id = row.number, row.trial_id
+                created.datetime_start = row.datetime_start
             return created
 
         return retry_transient(attempt, seconds=self.retry_seconds, what="creating a trial")
 
-    def _created_with(self, study_id: int, key: str) -> list[FrozenTrial]:
-        # every state named: a read that names states is never answered from a shared block
-        trials = self.get_all_trials(study_id, deepcopy=False, states=tuple(TrialState))
-        return sorted(
-            (t for t in trials if t.system_attrs.get(CREATE_KEY) == key), key=lambda t: t.number
-        )
-
-    def _keep(self, made: list[FrozenTrial], trial_id: int) -> FrozenTrial:
-        """Of the trials one create made, keep ``trial_id``'s; queue the other RUNNING ones."""
-        for other in made:
-            if other._trial_id == trial_id:
-                continue
-            if other.state == TrialState.RUNNING:
-                self.set_trial_state_values(other._trial_id, TrialState.WAITING)
-                log.warning(
-                    "trial %d was made twice (a commit's answer was lost); "
-                    "the copy is queued for the next ask",
-                    other.number,
-                )
-            else:
-                log.warning("trial %d was made twice (a commit's answer was lost)", other.number)
-        return next(t for t in made if t._trial_id == trial_id)
+    def _created_with(self, study_id: int, template: FrozenTrial) -> FrozenTrial | None:
+        key = template.system_attrs[CREATE_KEY]
+        # states named: a read that names them is never answered from a shared-reads block
+        for trial in self.get_all_trials(study_id, deepcopy=False, states=tuple(TrialState)):
+            if trial.system_attrs.get(CREATE_KEY) == key:
+                log.warning("trial %d was made by a try whose answer was lost", trial.number)
+                return trial
+        return None
 
     def set_trial_state_values(
         self, trial_id: int, state: TrialState, values: Sequence[float] | None = None
     ) -> bool:
-        """Optuna's, tried again while the database is away; a try that finds the trial
-        already finished as asked was preceded by one whose commit lost its answer."""
+        """Optuna's, tried again while the database is away. A try after one whose answer
+        was lost finds its work done: the trial finished as asked, or, for the pop of a
+        queued trial (WAITING to RUNNING, which Optuna's ask takes as lost to another worker
+        when it finds the trial RUNNING), started at the very time this call wrote."""
+        started = datetime.now()
         tried = False
 
         def attempt() -> bool:
             nonlocal tried
-            try:
+            if tried:
+                trial = self.get_trial(trial_id)
+                if trial.state == state and (
+                    state.is_finished() or trial.datetime_start == started
+                ):
+                    return True
+            tried = True
+            if state != TrialState.RUNNING:
                 return optuna.storages.RDBStorage.set_trial_state_values(
                     self, trial_id, state, values
                 )
-            except optuna.exceptions.UpdateFinishedTrialError:
-                if tried and self.get_trial(trial_id).state == state:
-                    return True
-                raise
-            finally:
-                tried = True
+            with _create_scoped_session(self.scoped_session) as session:
+                row = _models.TrialModel.find_or_raise_by_id(trial_id, session, for_update=True)
+                self.check_trial_is_updatable(trial_id, row.state)
+                if row.state != TrialState.WAITING:
+                    return False
+                row.state, row.datetime_start = TrialState.RUNNING, started
+            return True
 
         return retry_transient(attempt, seconds=self.retry_seconds, what="Optuna set_trial_state")
 
 
 CREATE_KEY = "hpo.create_key"
-_rollbacks = threading.local()  # .count: rollbacks of Optuna sessions on this thread
-
-
-def _count_rollback(_session: Any, _previous: Any) -> None:
-    _rollbacks.count = getattr(_rollbacks, "count", 0) + 1
-
-
-def _rollbacks_here(storage: optuna.storages.RDBStorage) -> int:
-    """Rollbacks of Optuna's sessions on this thread so far: Optuna rolls back each try that
-    failed, also the ones it tries again by itself."""
-    sessions = storage.scoped_session  # made again when the storage is unpickled
-    if not sqlalchemy.event.contains(sessions, "after_soft_rollback", _count_rollback):
-        sqlalchemy.event.listen(sessions, "after_soft_rollback", _count_rollback)
-    return getattr(_rollbacks, "count", 0)
 
 
 def _keyed(template: FrozenTrial | None, key: str) -> FrozenTrial:
-    """``template`` (Optuna's for a trial asked: RUNNING, started now) with ``key`` added."""
+    """``template`` with ``key`` added; without one, what Optuna makes for an ask: a trial
+    RUNNING, started now."""
     if template is None:
         return FrozenTrial(
             number=-1,

@@ -16,7 +16,7 @@ import sqlalchemy
 from optuna.trial import FrozenTrial, TrialState
 
 from service.db.engine import sqlite_file
-from service.retry import describe, retry_transient
+from service.retry import describe, is_transient, retry_transient
 from service.studies import RetryingRDBStorage, shared_reads
 
 __all__ = [
@@ -68,7 +68,12 @@ def claim_trial(
     :func:`~service.studies.shared_reads` block too: a try that failed after its check must not
     count from what it read before other workers took their trials."""
 
+    asked: optuna.Trial | None = None
+
     def attempt() -> optuna.Trial | None:
+        nonlocal asked
+        if asked is not None:  # asked before the lock's release failed: it is this worker's
+            return asked
         with study_lock(storage, study.study_name), shared_reads(storage) as reads:
             reads.forget()
             if not has_room(study.get_trials(deepcopy=False), target):
@@ -76,9 +81,11 @@ def claim_trial(
             with warnings.catch_warnings():
                 # Optuna drives heartbeats only in optimize(); this worker drives its own
                 warnings.filterwarnings("ignore", "Heartbeat of storage", UserWarning)
-                return study.ask()
+                asked = study.ask()
+        return asked
 
-    # only the check and the ask are tried again: a trial once asked is this worker's
+    # Only the check and the ask are tried again; a trial once asked is never asked again
+    # (it would stay RUNNING with no worker).
     return retry_transient(attempt, seconds=storage.retry_seconds, what="taking a trial")
 
 
@@ -134,7 +141,12 @@ def study_lock(storage: optuna.storages.RDBStorage, study_name: str) -> Iterator
             try:
                 yield
             finally:
-                conn.rollback()
+                try:
+                    conn.rollback()
+                except sqlalchemy.exc.DBAPIError as exc:
+                    # the database went away with the session, and the lock with it
+                    if not is_transient(exc):
+                        raise
     elif sqlite_file(engine.url):
         with open(f"{engine.url.database}.lock", "a") as handle:
             fcntl.flock(handle, fcntl.LOCK_EX)

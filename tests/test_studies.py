@@ -284,37 +284,42 @@ class LostAnswers(RetryingRDBStorage):
             self._armed = True
 
 
-def test_a_trial_whose_commit_lost_its_answer_is_not_left_running(storage_url):
-    """Optuna tries the create again by itself: the trial made by the first try is queued
-    for the next ask, not left RUNNING with no worker (it would be failed much later)."""
+def test_a_trial_whose_commit_lost_its_answer_is_made_once(storage_url):
+    """Tried again, the create finds the trial its first try made: no second trial, and none
+    left RUNNING with no worker (it would be failed much later, with no MLflow run); a budget
+    of one is one trial."""
     storage = LostAnswers(storage_url)
     study = optuna.create_study(study_name="s", storage=storage)
     storage.lose = 1
-    first = study.ask()
+    trial = claim_trial(study, storage, target=1)
     assert storage.lose == 0, "the answer was lost"
-    states = {t.number: t.state for t in study.get_trials()}
-    assert states == {first.number: TrialState.RUNNING, 1 - first.number: TrialState.WAITING}
-    second = study.ask()
-    assert {first.number, second.number} == {0, 1}
-    assert {t.state for t in study.get_trials()} == {TrialState.RUNNING}
+    assert [(t.number, t.state) for t in study.get_trials()] == [(0, TrialState.RUNNING)]
+    assert trial.number == 0
+    assert claim_trial(study, storage, target=1) is None
 
 
-def test_a_create_that_failed_after_its_commits_keeps_the_first_and_the_budget(storage_url):
-    """Every one of Optuna's own tries loses its answer, so the create fails: tried again,
-    it finds the trials its tries made, keeps the first and queues the rest, and a budget
-    of five is met by those five trials exactly."""
+def test_a_queued_trial_whose_commit_lost_its_answer_is_queued_once(storage_url):
     storage = LostAnswers(storage_url)
     study = optuna.create_study(study_name="s", storage=storage)
-    storage.lose = 5  # Optuna's tries of one create
-    taken = [claim_trial(study, storage, target=5)]
+    storage.lose = 1
+    study.enqueue_trial({"x": 0.5})
     assert storage.lose == 0
-    assert taken[0].number == 0
-    queued = study.get_trials(states=(TrialState.WAITING,))
-    assert [t.number for t in queued] == [1, 2, 3, 4]
-    taken += [claim_trial(study, storage, target=5) for _ in range(5)]
-    assert [t.number for t in taken[:5]] == [0, 1, 2, 3, 4]
-    assert taken[5] is None, "the copies took the budget's places"
-    assert len(study.get_trials()) == 5
+    assert [t.state for t in study.get_trials()] == [TrialState.WAITING]
+
+
+def test_a_pop_whose_commit_lost_its_answer_takes_that_trial(storage_url):
+    """Optuna's ask pops the first queued trial; tried again after its answer was lost, the
+    pop finds the trial RUNNING, started when it wrote: its own, not another worker's."""
+    storage = LostAnswers(storage_url)
+    study = optuna.create_study(study_name="s", storage=storage)
+    study.enqueue_trial({"x": 0.25})
+    study.enqueue_trial({"x": 0.75})
+    storage.lose = 1
+    trial = study.ask()
+    assert storage.lose == 0
+    assert (trial.number, trial.suggest_float("x", 0.0, 1.0)) == (0, 0.25)
+    states = [t.state for t in study.get_trials()]
+    assert states == [TrialState.RUNNING, TrialState.WAITING]
 
 
 def test_a_tell_whose_commit_lost_its_answer_succeeds(storage_url):
@@ -336,3 +341,35 @@ def test_a_param_whose_commit_lost_its_answer_is_kept_once(storage_url):
     x = trial.suggest_float("x", 0.0, 1.0)
     assert storage.lose == 0
     assert study.get_trials()[0].params == {"x": x}
+
+
+class LockLost(RetryingRDBStorage):
+    """A real PostgreSQL storage: while an ask holds the study's lock, the server ends the
+    lock's session, as a restart ends every session."""
+
+    ended = False
+
+    def _create_new_trial(self, study_id, template_trial=None):
+        if not self.ended:
+            self.ended = True
+            with self.engine.connect() as conn:
+                conn.execute(
+                    sqlalchemy.text(
+                        "SELECT pg_terminate_backend(pid) FROM pg_locks WHERE locktype = "
+                        "'advisory' AND database = (SELECT oid FROM pg_database WHERE "
+                        "datname = current_database())"
+                    )
+                )
+        return super()._create_new_trial(study_id, template_trial)
+
+
+def test_a_claim_whose_lock_went_with_its_session_keeps_its_trial(postgres_url):
+    """The lock's release fails on the ended session: the trial asked is the claim's, not
+    asked again (the first would stay RUNNING with no worker)."""
+    storage = LockLost(postgres_url, engine_kwargs={"pool_pre_ping": True})
+    study = optuna.create_study(study_name="s", storage=storage)
+    trial = claim_trial(study, storage, target=2)
+    assert storage.ended
+    assert trial.number == 0
+    assert [t.state for t in study.get_trials()] == [TrialState.RUNNING]
+    assert claim_trial(study, storage, target=2).number == 1
