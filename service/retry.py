@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import TypeVar
 
 import sqlalchemy.exc
 
-__all__ = ["describe", "is_transient", "retry_transient"]
+__all__ = ["describe", "is_transient", "retry_transient", "tried_once"]
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +37,8 @@ def is_transient(exc: BaseException) -> bool:
 def retry_transient(fn: Callable[[], T], *, seconds: float, what: str = "database call") -> T:
     """Call ``fn``; while it fails for a transient reason, call it again with backoff, for at
     most ``seconds``. Any other error, or the last transient one, is raised as it is."""
+    if getattr(_local, "once", 0):
+        return fn()
     deadline = time.monotonic() + seconds
     delay = 0.2
     while True:
@@ -46,6 +50,21 @@ def retry_transient(fn: Callable[[], T], *, seconds: float, what: str = "databas
             log.warning("%s failed (%s); retrying in %.1fs", what, describe(exc), delay)
         time.sleep(delay)
         delay = min(delay * 2, 5.0)
+
+
+_local = threading.local()  # .once: tried_once blocks open on this thread
+
+
+@contextlib.contextmanager
+def tried_once() -> Iterator[None]:
+    """Within the block, this thread's :func:`retry_transient` calls try once. For a caller
+    that holds a lock in the database: the lock goes with a session the database ends, so
+    that caller tries again itself, under a new lock, rather than its calls under none."""
+    _local.once = getattr(_local, "once", 0) + 1
+    try:
+        yield
+    finally:
+        _local.once -= 1
 
 
 def describe(exc: BaseException) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import functools
+import json
 import logging
 import secrets
 import threading
@@ -86,69 +87,115 @@ class RetryingRDBStorage(optuna.storages.RDBStorage):
         went down just after it) made the trial although the call failed; another try would
         make a second, and the first would stay RUNNING with no worker, to be failed much
         later with no MLflow run. So each create carries a key (:data:`CREATE_KEY`), and
-        each try after the first looks for a trial with it before making one. Optuna's own
-        loop, which tries again after any failed commit, is replaced by one try per attempt
-        (the same statements, in one transaction that locks the study's row)."""
-        template = _keyed(template_trial, secrets.token_hex(8))
+        each try after the first looks for a trial with it, holding the study's row, before
+        making one. Optuna's own loop, which tries again after any failed commit, is replaced
+        by one try per attempt (the same statements, in one transaction)."""
+        key = _claim_key(self) or secrets.token_hex(8)
+        template = _keyed(template_trial, key)
         tried = False
 
         def attempt() -> FrozenTrial:
             nonlocal tried
-            if tried and (made := self._created_with(study_id, template)) is not None:
-                return made
-            tried = True
             with _create_scoped_session(self.scoped_session) as session:
-                # the lock numbers trials one at a time, as in Optuna's
+                # the lock numbers trials one at a time, as in Optuna's; held, it also waits
+                # for a first try still in flight, so the lookup sees its commit
                 _models.StudyModel.find_or_raise_by_id(study_id, session, for_update=True)
-                row = self._get_prepared_new_trial(study_id, template, session)
-                created = copy.deepcopy(template)
-                created.number, created._trial_id = row.number, row.trial_id
-                created.datetime_start = row.datetime_start
-            return created
+                made = _made_with(session, study_id, key) if tried else None
+                tried = True
+                if made is None:
+                    row = self._get_prepared_new_trial(study_id, template, session)
+                    created = copy.deepcopy(template)
+                    created.number, created._trial_id = row.number, row.trial_id
+                    created.datetime_start = row.datetime_start
+                    return created
+            log.warning("trial id %d was made by a try whose answer was lost", made)
+            return self.get_trial(made)
 
         return retry_transient(attempt, seconds=self.retry_seconds, what="creating a trial")
-
-    def _created_with(self, study_id: int, template: FrozenTrial) -> FrozenTrial | None:
-        key = template.system_attrs[CREATE_KEY]
-        # states named: a read that names them is never answered from a shared-reads block
-        for trial in self.get_all_trials(study_id, deepcopy=False, states=tuple(TrialState)):
-            if trial.system_attrs.get(CREATE_KEY) == key:
-                log.warning("trial %d was made by a try whose answer was lost", trial.number)
-                return trial
-        return None
 
     def set_trial_state_values(
         self, trial_id: int, state: TrialState, values: Sequence[float] | None = None
     ) -> bool:
         """Optuna's, tried again while the database is away. A try after one whose answer
-        was lost finds its work done: the trial finished as asked, or, for the pop of a
-        queued trial (WAITING to RUNNING, which Optuna's ask takes as lost to another worker
-        when it finds the trial RUNNING), started at the very time this call wrote."""
-        started = datetime.now()
+        was lost knows that one's work by the time it wrote: the start of a pop (a queued
+        trial made RUNNING, which Optuna's ask would take as lost to another worker), the
+        end of a trial finished (which a reaper would take as another's, and queue twice)."""
+        now = datetime.now()
         tried = False
 
         def attempt() -> bool:
             nonlocal tried
             if tried:
                 trial = self.get_trial(trial_id)
-                if trial.state == state and (
-                    state.is_finished() or trial.datetime_start == started
-                ):
+                stamp = trial.datetime_start if state == TrialState.RUNNING else None
+                stamp = trial.datetime_complete if state.is_finished() else stamp
+                if trial.state == state and stamp == now:
                     return True
             tried = True
-            if state != TrialState.RUNNING:
-                return optuna.storages.RDBStorage.set_trial_state_values(
-                    self, trial_id, state, values
-                )
-            with _create_scoped_session(self.scoped_session) as session:
-                row = _models.TrialModel.find_or_raise_by_id(trial_id, session, for_update=True)
-                self.check_trial_is_updatable(trial_id, row.state)
-                if row.state != TrialState.WAITING:
-                    return False
-                row.state, row.datetime_start = TrialState.RUNNING, started
+            try:
+                with _create_scoped_session(self.scoped_session) as session:
+                    row = _models.TrialModel.find_or_raise_by_id(trial_id, session, for_update=True)
+                    self.check_trial_is_updatable(trial_id, row.state)
+                    for objective, value in enumerate(values or ()):
+                        self._set_trial_value_without_commit(session, row, objective, value)
+                    if state == TrialState.RUNNING and row.state != TrialState.WAITING:
+                        return False
+                    row.state = state
+                    if state == TrialState.RUNNING:
+                        row.datetime_start = now
+                        if (key := _claim_key(self)) is not None:  # a claim's pop
+                            self._set_trial_attr_without_commit(
+                                session,
+                                _models.TrialSystemAttributeModel,
+                                trial_id,
+                                CREATE_KEY,
+                                key,
+                            )
+                    if state.is_finished():
+                        row.datetime_complete = now
+            except sqlalchemy.exc.IntegrityError:
+                return False
             return True
 
         return retry_transient(attempt, seconds=self.retry_seconds, what="Optuna set_trial_state")
+
+    @contextlib.contextmanager
+    def claiming(self, key: str) -> Iterator[None]:
+        """Within the block, the trial this thread creates or pops (queued, made RUNNING)
+        carries ``key``, for :meth:`claimed_with` to find it after an answer was lost."""
+        keys = vars(_claims).setdefault("keys", {})
+        keys[id(self)] = key
+        try:
+            yield
+        finally:
+            del keys[id(self)]
+
+    def claimed_with(self, study_id: int, key: str) -> int | None:
+        """The id of the study's trial created or popped in a :meth:`claiming` block for
+        ``key``, if one was."""
+        with _create_scoped_session(self.scoped_session) as session:
+            return _made_with(session, study_id, key)
+
+
+_claims = threading.local()  # .keys: the key of each storage's open claiming block, by id
+
+
+def _claim_key(storage: RetryingRDBStorage) -> str | None:
+    return getattr(_claims, "keys", {}).get(id(storage))
+
+
+def _made_with(session: Any, study_id: int, key: str) -> int | None:
+    """The id of the study's trial created with ``key``, if a try made it."""
+    attr, trial = _models.TrialSystemAttributeModel, _models.TrialModel
+    return session.scalar(
+        sqlalchemy.select(attr.trial_id)
+        .join(trial, trial.trial_id == attr.trial_id)
+        .where(
+            trial.study_id == study_id,
+            attr.key == CREATE_KEY,
+            attr.value_json == json.dumps(key),
+        )
+    )
 
 
 CREATE_KEY = "hpo.create_key"

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import fcntl
 import logging
+import secrets
 import threading
 import warnings
 from collections.abc import Iterable, Iterator
@@ -16,7 +17,7 @@ import sqlalchemy
 from optuna.trial import FrozenTrial, TrialState
 
 from service.db.engine import sqlite_file
-from service.retry import describe, is_transient, retry_transient
+from service.retry import describe, is_transient, retry_transient, tried_once
 from service.studies import RetryingRDBStorage, shared_reads
 
 __all__ = [
@@ -63,29 +64,42 @@ def claim_trial(
 ) -> optuna.Trial | None:
     """A new trial of ``study`` (Optuna's ask; a queued one first), or None when the budget of
     ``target`` trials is taken and none is queued. The check and the ask hold the study's lock,
-    so workers together never take more than the budget. Both are tried again while the
-    database is briefly away, and each try reads the study afresh, inside a
+    so workers together never take more than the budget. The two are tried again, together,
+    while the database is briefly away, and each try reads the study afresh, inside a
     :func:`~service.studies.shared_reads` block too: a try that failed after its check must not
     count from what it read before other workers took their trials."""
 
+    key = secrets.token_hex(8)  # marks the trial this claim takes, made or popped
     asked: optuna.Trial | None = None
+    tried = False
 
     def attempt() -> optuna.Trial | None:
-        nonlocal asked
+        nonlocal asked, tried
         if asked is not None:  # asked before the lock's release failed: it is this worker's
             return asked
-        with study_lock(storage, study.study_name), shared_reads(storage) as reads:
+        with (
+            study_lock(storage, study.study_name),
+            shared_reads(storage) as reads,
+            tried_once(),
+            storage.claiming(key),
+        ):
             reads.forget()
-            if not has_room(study.get_trials(deepcopy=False), target):
-                return None
-            with warnings.catch_warnings():
-                # Optuna drives heartbeats only in optimize(); this worker drives its own
-                warnings.filterwarnings("ignore", "Heartbeat of storage", UserWarning)
-                asked = study.ask()
+            trials = study.get_trials(deepcopy=False)  # Optuna's cache learns every trial
+            found = storage.claimed_with(study._study_id, key) if tried else None
+            tried = True
+            if found is not None:  # a try took it, then failed: it is this worker's
+                asked = optuna.Trial(study, found)
+            elif has_room(trials, target):
+                with warnings.catch_warnings():
+                    # Optuna drives heartbeats only in optimize(); this worker drives its own
+                    warnings.filterwarnings("ignore", "Heartbeat of storage", UserWarning)
+                    asked = study.ask()
         return asked
 
-    # Only the check and the ask are tried again; a trial once asked is never asked again
-    # (it would stay RUNNING with no worker).
+    # The database calls under the lock are tried once: tried again, they could run after
+    # the lock went with a session the database ended, and overrun the budget. The claim is
+    # tried again instead, under a new lock, and first looks for the trial a failed try
+    # took; a trial once asked is never asked again (it would stay RUNNING with no worker).
     return retry_transient(attempt, seconds=storage.retry_seconds, what="taking a trial")
 
 

@@ -213,12 +213,12 @@ class RetriedCheck(logging.Handler):
     """When the claim's try fails and is about to be tried again (its lock released), another
     worker takes the study's last place."""
 
-    def __init__(self, take) -> None:
+    def __init__(self, take, *, retried: str = "taking a trial") -> None:
         super().__init__(logging.WARNING)
-        self.take, self.taken = take, []
+        self.take, self.taken, self.retried = take, [], f"{retried} failed"
 
     def emit(self, record: logging.LogRecord) -> None:
-        if "taking a trial failed" in record.getMessage():
+        if self.retried in record.getMessage():
             self.taken.append(self.take())
 
 
@@ -260,9 +260,10 @@ def test_a_retried_claim_counts_what_other_workers_took_meanwhile(storage_url):
 class LostAnswers(RetryingRDBStorage):
     """A real storage whose next ``lose`` commits that write a row of ``table`` are made in
     the database and then reported failed by the driver, as when the database restarts
-    between a commit and its answer (the connection is dropped with it)."""
+    between a commit and its answer (the connection is dropped with it); with
+    ``made=False``, they fail before they are made."""
 
-    def __init__(self, url: str, table: str = "trials") -> None:
+    def __init__(self, url: str, table: str = "trials", *, made: bool = True) -> None:
         super().__init__(url)
         self.table, self.lose, self._armed = table, 0, False
         sqlalchemy.event.listen(self.scoped_session, "after_flush", self._wrote)
@@ -270,7 +271,8 @@ class LostAnswers(RetryingRDBStorage):
         commit = dialect.do_commit
 
         def do_commit(dbapi_connection) -> None:
-            commit(dbapi_connection)
+            if made or not self._armed:
+                commit(dbapi_connection)
             if self._armed:
                 self._armed, self.lose = False, self.lose - 1
                 error = dialect.loaded_dbapi.OperationalError
@@ -307,6 +309,20 @@ def test_a_queued_trial_whose_commit_lost_its_answer_is_queued_once(storage_url)
     assert [t.state for t in study.get_trials()] == [TrialState.WAITING]
 
 
+def test_a_claim_whose_pop_lost_its_answer_keeps_that_trial(storage_url):
+    """The claim's calls under the study lock are tried once; the claim, tried again under a
+    new lock, finds the queued trial its failed try made RUNNING."""
+    storage = LostAnswers(storage_url)
+    study = optuna.create_study(study_name="s", storage=storage)
+    study.enqueue_trial({"x": 0.25})
+    storage.lose = 1
+    trial = claim_trial(study, storage, target=1)
+    assert storage.lose == 0
+    assert (trial.number, trial.suggest_float("x", 0.0, 1.0)) == (0, 0.25)
+    assert claim_trial(study, storage, target=1) is None
+    assert [t.state for t in study.get_trials()] == [TrialState.RUNNING]
+
+
 def test_a_pop_whose_commit_lost_its_answer_takes_that_trial(storage_url):
     """Optuna's ask pops the first queued trial; tried again after its answer was lost, the
     pop finds the trial RUNNING, started when it wrote: its own, not another worker's."""
@@ -333,6 +349,30 @@ def test_a_tell_whose_commit_lost_its_answer_succeeds(storage_url):
     assert (done.state, done.value) == (TrialState.COMPLETE, 0.5)
 
 
+def test_a_finish_tried_again_after_another_process_finished_the_trial_is_refused(
+    storage_url,
+):
+    """Optuna's reapers rely on it: of the processes that fail a stale trial, one alone is
+    told it did (and queues its config again). A try that failed before its commit, then
+    found the trial failed by another, must not take that for its own write."""
+    storage = LostAnswers(storage_url, made=False)
+    study = optuna.create_study(study_name="s", storage=storage)
+    trial_id = study.ask()._trial_id
+    other = open_storage(storage_url)
+    handler = RetriedCheck(
+        lambda: other.set_trial_state_values(trial_id, TrialState.FAIL),
+        retried="Optuna set_trial_state",
+    )
+    logging.getLogger("service.retry").addHandler(handler)
+    storage.lose = 1
+    try:
+        with pytest.raises(optuna.exceptions.UpdateFinishedTrialError):
+            storage.set_trial_state_values(trial_id, TrialState.FAIL)
+    finally:
+        logging.getLogger("service.retry").removeHandler(handler)
+    assert handler.taken == [True], "the other process failed the trial"
+
+
 def test_a_param_whose_commit_lost_its_answer_is_kept_once(storage_url):
     storage = LostAnswers(storage_url, table="trial_params")
     study = optuna.create_study(study_name="s", storage=storage)
@@ -355,7 +395,8 @@ class LockLost(RetryingRDBStorage):
             with self.engine.connect() as conn:
                 conn.execute(
                     sqlalchemy.text(
-                        "SELECT pg_terminate_backend(pid) FROM pg_locks WHERE locktype = "
+                        # waits (5 s at most) until the session has ended
+                        "SELECT pg_terminate_backend(pid, 5000) FROM pg_locks WHERE locktype = "
                         "'advisory' AND database = (SELECT oid FROM pg_database WHERE "
                         "datname = current_database())"
                     )
