@@ -37,6 +37,7 @@ __all__ = [
     "ATTR_FINGERPRINT",
     "ATTR_TARGET",
     "CREATE_KEY",
+    "BudgetTaken",
     "RetryingRDBStorage",
     "SharedReads",
     "StudySummary",
@@ -90,9 +91,10 @@ class RetryingRDBStorage(optuna.storages.RDBStorage):
         each try after the first looks for a trial with it, holding the study's row, before
         making one. Optuna's own loop, which tries again after any failed commit, is replaced
         by one try per attempt (the same statements, in one transaction)."""
-        key = _claim_key(self) or secrets.token_hex(8)
+        claim = _claim_of(self)
+        key = claim.key if claim is not None else secrets.token_hex(8)
         template = _keyed(template_trial, key)
-        tried = False
+        tried = claim is not None and claim.retried
 
         def attempt() -> FrozenTrial:
             nonlocal tried
@@ -102,6 +104,15 @@ class RetryingRDBStorage(optuna.storages.RDBStorage):
                 _models.StudyModel.find_or_raise_by_id(study_id, session, for_update=True)
                 made = _made_with(session, study_id, key) if tried else None
                 tried = True
+                # the budget, counted holding the study's row: a claim whose study lock went
+                # with its session (the database ended it) must not overrun it
+                if (
+                    made is None
+                    and claim is not None
+                    and template_trial is None
+                    and _taken(session, study_id, claim.uncounted) >= claim.target
+                ):
+                    raise BudgetTaken(f"the study's {claim.target} trials are taken")
                 if made is None:
                     row = self._get_prepared_new_trial(study_id, template, session)
                     created = copy.deepcopy(template)
@@ -143,13 +154,13 @@ class RetryingRDBStorage(optuna.storages.RDBStorage):
                     row.state = state
                     if state == TrialState.RUNNING:
                         row.datetime_start = now
-                        if (key := _claim_key(self)) is not None:  # a claim's pop
+                        if (claim := _claim_of(self)) is not None:  # a claim's pop
                             self._set_trial_attr_without_commit(
                                 session,
                                 _models.TrialSystemAttributeModel,
                                 trial_id,
                                 CREATE_KEY,
-                                key,
+                                claim.key,
                             )
                     if state.is_finished():
                         row.datetime_complete = now
@@ -160,28 +171,63 @@ class RetryingRDBStorage(optuna.storages.RDBStorage):
         return retry_transient(attempt, seconds=self.retry_seconds, what="Optuna set_trial_state")
 
     @contextlib.contextmanager
-    def claiming(self, key: str) -> Iterator[None]:
-        """Within the block, the trial this thread creates or pops (queued, made RUNNING)
-        carries ``key``, for :meth:`claimed_with` to find it after an answer was lost."""
-        keys = vars(_claims).setdefault("keys", {})
-        keys[id(self)] = key
+    def claiming(
+        self, key: str, *, target: int, uncounted: str, retried: bool = False
+    ) -> Iterator[None]:
+        """Within the block, this thread takes a trial from a budget of ``target``: the
+        trial it pops (a queued one made RUNNING) or creates carries ``key``, for
+        :meth:`claimed_with` to find after an answer was lost (``retried``: a try before
+        may have made it), and a create finds the budget taken (:class:`BudgetTaken`) when
+        the study has ``target`` trials not marked with the system attribute ``uncounted``."""
+        claims = vars(_claims).setdefault("open", {})
+        outer = claims.get(id(self))
+        claims[id(self)] = _Claim(key, target, uncounted, retried)
         try:
             yield
         finally:
-            del keys[id(self)]
+            if outer is None:
+                del claims[id(self)]
+            else:
+                claims[id(self)] = outer
 
-    def claimed_with(self, study_id: int, key: str) -> int | None:
-        """The id of the study's trial created or popped in a :meth:`claiming` block for
-        ``key``, if one was."""
+    def claimed_with(self, study_id: int, key: str) -> FrozenTrial | None:
+        """The study's trial popped or created in a :meth:`claiming` block for ``key``, if a
+        try took one."""
         with _create_scoped_session(self.scoped_session) as session:
-            return _made_with(session, study_id, key)
+            made = _made_with(session, study_id, key)
+        return None if made is None else self.get_trial(made)
 
 
-_claims = threading.local()  # .keys: the key of each storage's open claiming block, by id
+class BudgetTaken(optuna.exceptions.OptunaError):
+    """A claim's create found the study's budget of trials taken."""
 
 
-def _claim_key(storage: RetryingRDBStorage) -> str | None:
-    return getattr(_claims, "keys", {}).get(id(storage))
+@dataclass(frozen=True)
+class _Claim:
+    key: str
+    target: int
+    uncounted: str
+    retried: bool
+
+
+_claims = threading.local()  # .open: each storage's open claiming block, by id
+
+
+def _claim_of(storage: RetryingRDBStorage) -> _Claim | None:
+    return getattr(_claims, "open", {}).get(id(storage))
+
+
+def _taken(session: Any, study_id: int, uncounted: str) -> int:
+    """The study's trials that count against its budget: all but those marked ``uncounted``."""
+    attr, trial = _models.TrialSystemAttributeModel, _models.TrialModel
+    marked = sqlalchemy.select(attr.trial_id).where(
+        attr.trial_id == trial.trial_id, attr.key == uncounted
+    )
+    return session.scalar(
+        sqlalchemy.select(sqlalchemy.func.count())
+        .select_from(trial)
+        .where(trial.study_id == study_id, ~marked.exists())
+    )
 
 
 def _made_with(session: Any, study_id: int, key: str) -> int | None:

@@ -18,7 +18,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from service.db.engine import sqlite_file
 from service.retry import describe, is_transient, retry_transient, tried_once
-from service.studies import RetryingRDBStorage, shared_reads
+from service.studies import BudgetTaken, RetryingRDBStorage, shared_reads
 
 __all__ = [
     "MAX_RETRIES",
@@ -70,36 +70,40 @@ def claim_trial(
     count from what it read before other workers took their trials."""
 
     key = secrets.token_hex(8)  # marks the trial this claim takes, made or popped
-    asked: optuna.Trial | None = None
     tried = False
 
     def attempt() -> optuna.Trial | None:
-        nonlocal asked, tried
-        if asked is not None:  # asked before the lock's release failed: it is this worker's
-            return asked
+        nonlocal tried
         with (
             study_lock(storage, study.study_name),
             shared_reads(storage) as reads,
             tried_once(),
-            storage.claiming(key),
+            storage.claiming(key, target=target, uncounted=_FAILED_TRIAL, retried=tried),
         ):
             reads.forget()
-            trials = study.get_trials(deepcopy=False)  # Optuna's cache learns every trial
             found = storage.claimed_with(study._study_id, key) if tried else None
             tried = True
-            if found is not None:  # a try took it, then failed: it is this worker's
-                asked = optuna.Trial(study, found)
-            elif has_room(trials, target):
-                with warnings.catch_warnings():
-                    # Optuna drives heartbeats only in optimize(); this worker drives its own
-                    warnings.filterwarnings("ignore", "Heartbeat of storage", UserWarning)
-                    asked = study.ask()
-        return asked
+            trials = study.get_trials(deepcopy=False)  # after the lookup: the cache learns it
+            if found is not None and found.state == TrialState.RUNNING:
+                # a try took it, then failed: it is this worker's (unless a reaper took it
+                # back meanwhile: then its config is queued, and asked for below)
+                study._thread_local.cached_all_trials = None  # as Optuna's ask does
+                return optuna.Trial(study, found._trial_id)
+            if not has_room(trials, target):
+                return None
+            with warnings.catch_warnings():
+                # Optuna drives heartbeats only in optimize(); this worker drives its own
+                warnings.filterwarnings("ignore", "Heartbeat of storage", UserWarning)
+                try:
+                    return study.ask()
+                except BudgetTaken:  # counted again with the create, the last place went
+                    return None
 
     # The database calls under the lock are tried once: tried again, they could run after
-    # the lock went with a session the database ended, and overrun the budget. The claim is
-    # tried again instead, under a new lock, and first looks for the trial a failed try
-    # took; a trial once asked is never asked again (it would stay RUNNING with no worker).
+    # the lock went with a session the database ended. The claim is tried again instead,
+    # under a new lock, and first looks for the trial a failed try took: a trial once taken
+    # is never taken again (the first would stay RUNNING with no worker). The create counts
+    # the budget again itself, for a lock ended while its calls went through.
     return retry_transient(attempt, seconds=storage.retry_seconds, what="taking a trial")
 
 

@@ -12,7 +12,7 @@ import sqlalchemy
 from optuna.trial import TrialState
 
 from service.studies import RetryingRDBStorage, open_storage, shared_reads
-from service.workers import claim_trial, claimed
+from service.workers import claim_trial, claimed, requeue
 
 RUNNING = 8  # trials side by side, as in a pack
 
@@ -300,6 +300,33 @@ def test_a_trial_whose_commit_lost_its_answer_is_made_once(storage_url):
     assert claim_trial(study, storage, target=1) is None
 
 
+def test_a_claim_does_not_take_back_a_trial_a_reaper_failed_meanwhile(storage_url):
+    """The claim's create lost its answer; before the claim tries again, another worker's
+    reaper fails the trial (it had no heartbeat) and queues its config. The claim leaves the
+    failed trial alone and takes the queued one."""
+    storage = LostAnswers(storage_url)
+    study = optuna.create_study(study_name="s", storage=storage)
+    theirs = open_storage(storage_url)
+    other = optuna.load_study(study_name="s", storage=theirs)
+
+    def reap() -> None:
+        (lost,) = other.get_trials()
+        other.tell(lost.number, state=TrialState.FAIL)
+        requeue(other, other.get_trials()[0])
+
+    handler = RetriedCheck(reap)
+    logging.getLogger("service.retry").addHandler(handler)
+    storage.lose = 1
+    try:
+        trial = claim_trial(study, storage, target=1)
+    finally:
+        logging.getLogger("service.retry").removeHandler(handler)
+    assert len(handler.taken) == 1, "the reaper ran between the claim's tries"
+    states = [(t.number, t.state) for t in study.get_trials()]
+    assert states == [(0, TrialState.FAIL), (1, TrialState.RUNNING)]
+    assert trial.number == 1
+
+
 def test_a_queued_trial_whose_commit_lost_its_answer_is_queued_once(storage_url):
     storage = LostAnswers(storage_url)
     study = optuna.create_study(study_name="s", storage=storage)
@@ -388,6 +415,7 @@ class LockLost(RetryingRDBStorage):
     lock's session, as a restart ends every session."""
 
     ended = False
+    meanwhile = None  # called once the session has ended
 
     def _create_new_trial(self, study_id, template_trial=None):
         if not self.ended:
@@ -401,6 +429,8 @@ class LockLost(RetryingRDBStorage):
                         "datname = current_database())"
                     )
                 )
+            if self.meanwhile is not None:
+                self.meanwhile()
         return super()._create_new_trial(study_id, template_trial)
 
 
@@ -414,3 +444,18 @@ def test_a_claim_whose_lock_went_with_its_session_keeps_its_trial(postgres_url):
     assert trial.number == 0
     assert [t.state for t in study.get_trials()] == [TrialState.RUNNING]
     assert claim_trial(study, storage, target=2).number == 1
+
+
+def test_a_claim_whose_lock_went_with_its_session_keeps_to_the_budget(postgres_url):
+    """The server ends the lock's session during an ask, and stays up, so the ask's calls go
+    through; another worker takes the last place meanwhile. The create, counting the budget
+    again holding the study's row, finds it taken: one trial for a budget of one."""
+    storage = LockLost(postgres_url, engine_kwargs={"pool_pre_ping": True})
+    study = optuna.create_study(study_name="s", storage=storage)
+    theirs = open_storage(postgres_url)
+    other = optuna.load_study(study_name="s", storage=theirs)
+    taken = []
+    storage.meanwhile = lambda: taken.append(claim_trial(other, theirs, target=1))
+    assert claim_trial(study, storage, target=1) is None
+    assert [t.number for t in taken] == [0]
+    assert [t.state for t in study.get_trials()] == [TrialState.RUNNING]
