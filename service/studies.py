@@ -104,16 +104,15 @@ class RetryingRDBStorage(optuna.storages.RDBStorage):
                 _models.StudyModel.find_or_raise_by_id(study_id, session, for_update=True)
                 made = _made_with(session, study_id, key) if tried else None
                 tried = True
-                # the budget, counted holding the study's row: a claim whose study lock went
-                # with its session (the database ended it) must not overrun it
-                if (
-                    made is None
-                    and claim is not None
-                    and template_trial is None
-                    and _taken(session, study_id, claim.uncounted) >= claim.target
-                ):
-                    raise BudgetTaken(f"the study's {claim.target} trials are taken")
                 if made is None:
+                    # the budget, counted holding the study's row: a claim whose study lock
+                    # went with its session (the database ended it) must not overrun it
+                    if (
+                        claim is not None
+                        and template_trial is None
+                        and _taken(session, study_id, claim.uncounted) >= claim.target
+                    ):
+                        raise BudgetTaken(f"the study's {claim.target} trials are taken")
                     row = self._get_prepared_new_trial(study_id, template, session)
                     created = copy.deepcopy(template)
                     created.number, created._trial_id = row.number, row.trial_id
@@ -138,8 +137,10 @@ class RetryingRDBStorage(optuna.storages.RDBStorage):
             nonlocal tried
             if tried:
                 trial = self.get_trial(trial_id)
-                stamp = trial.datetime_start if state == TrialState.RUNNING else None
-                stamp = trial.datetime_complete if state.is_finished() else stamp
+                # a WAITING trial has neither stamp, so a retry of that is never taken as done
+                stamp = (
+                    trial.datetime_start if state == TrialState.RUNNING else trial.datetime_complete
+                )
                 if trial.state == state and stamp == now:
                     return True
             tried = True
