@@ -72,6 +72,7 @@ def _pack(value: str | None) -> int | str | None:
 def _settings(**overrides: Any):
     from pydantic import ValidationError
 
+    from service.db.engine import safe_url
     from service.settings import Settings
 
     try:
@@ -82,10 +83,22 @@ def _settings(**overrides: Any):
         field = str(first["loc"][0]) if first["loc"] else ""
         if not field:
             raise HPOError(f"settings: {message}") from None
-        name = field if field.isupper() else f"HPO_{field.upper()}"  # as the environment spells it
-        value = "" if "token" in field.lower() else f"={first['input']!r}"  # never echo a secret
+        if overrides.get(field) is not None:  # given on the command line
+            name = _FLAGS.get(field, "--" + field.replace("_", "-"))
+        else:  # as the environment spells it
+            name = field if field.isupper() else f"HPO_{field.upper()}"
+        if "token" in field.lower():
+            value = ""  # never echo a secret
+        elif field in _URLS or field == "MLFLOW_TRACKING_URI":
+            value = f"={safe_url(str(first['input']))!r}"  # nor a URL's password
+        else:
+            value = f"={first['input']!r}"
         named = f"{name}{value}: " if not message.startswith(name) else ""
         raise HPOError(f"{named}{message}") from None
+
+
+_FLAGS = {"ui_port": "--port", "ui_host": "--host", "api_port": "--port", "api_host": "--host"}
+_URLS = {"storage", "db_url", "tracking_uri"}
 
 
 class Terminated(KeyboardInterrupt):
@@ -141,6 +154,7 @@ def run(
     ] = None,
     storage: StorageOpt = None,
     tracking_uri: TrackingOpt = None,
+    db_url: DbUrlOpt = None,
     device: DeviceOpt = None,
     pack: PackOpt = None,
 ) -> None:
@@ -149,7 +163,7 @@ def run(
     from service.runner import run_study
 
     experiment = load_experiment(experiment_file)
-    settings = _settings(storage=storage, tracking_uri=tracking_uri, device=device)
+    settings = _settings(storage=storage, tracking_uri=tracking_uri, db_url=db_url, device=device)
     _quiet_libraries()
     _train(
         lambda **hooks: run_study(
@@ -188,7 +202,7 @@ def worker(
     settings = _settings(storage=storage, tracking_uri=tracking_uri, db_url=db_url, device=device)
     _quiet_libraries()
     if wait:
-        console.print(f"waiting for study [bold]{study}[/] to be launched (Ctrl-C stops)")
+        console.print(f"waiting for study {study!r} to be launched (Ctrl-C stops)", markup=False)
     _train(
         lambda **hooks: join_study(
             study, settings=settings, total=trials, pack_size=_pack(pack), wait=wait, **hooks
@@ -271,7 +285,8 @@ def _train(start: Any, settings: Any) -> None:
     try:
         report = start(on_progress=progressed, on_start=started, check_stop=stopper.check)
     except KeyboardInterrupt as exc:
-        bar.stop()
+        if task is not None:
+            bar.stop()
         what, code = ("terminated", 143) if isinstance(exc, Terminated) else ("interrupted", 130)
         err_console.print(
             f"{what}: the trials in training were marked failed and queued again "
@@ -279,7 +294,8 @@ def _train(start: Any, settings: Any) -> None:
         )
         raise typer.Exit(code) from None
     finally:
-        bar.stop()
+        if task is not None:  # a display never started would still print a blank line
+            bar.stop()
         for signum, handler in previous.items():
             signal.signal(signum, handler)
 
@@ -335,7 +351,9 @@ def _print_delivery(study: str, delivery: Any) -> None:
             soft_wrap=True,
         )
     for problem in delivery.dropped[:3]:
-        err_console.print(f"warning: MLflow refused an update: {problem}", soft_wrap=True)
+        err_console.print(
+            f"warning: MLflow refused an update: {problem}", soft_wrap=True, markup=False
+        )
 
 
 def _print_best(best: dict[str, Any]) -> None:
@@ -347,6 +365,18 @@ def _print_best(best: dict[str, Any]) -> None:
     console.print(table)
 
 
+def _existing_storage(settings: Any, study: str) -> Any:
+    """The Optuna storage, for a command that reads a study: one that does not exist yet is
+    not created (``hpo best`` on a fresh machine creates no files)."""
+    from service.db.engine import missing_file
+    from service.errors import StudyError
+    from service.studies import open_storage
+
+    if missing_file(settings.storage_url):
+        raise StudyError(f"no study named {study!r} (studies: none yet)")
+    return open_storage(settings.storage_url)
+
+
 @app.command()
 def best(
     study: Annotated[str, typer.Argument(help="Study name")],
@@ -354,11 +384,11 @@ def best(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON")] = False,
 ) -> None:
     """Print the best config of STUDY."""
-    from service.studies import best_summary, load_study, open_storage
+    from service.studies import best_summary, load_study
 
     _quiet_libraries()
     settings = _settings(storage=storage)
-    summary = best_summary(load_study(study, open_storage(settings.storage_url)))
+    summary = best_summary(load_study(study, _existing_storage(settings, study)))
     if as_json:
         typer.echo(json.dumps(summary))
     else:
@@ -371,11 +401,14 @@ def status(
     storage: StorageOpt = None,
 ) -> None:
     """Studies with their trials by state and the best value so far."""
+    from service.db.engine import missing_file
     from service.studies import open_storage, study_summaries
 
     _quiet_libraries()
     settings = _settings(storage=storage)
-    summaries = study_summaries(open_storage(settings.storage_url), study)
+    summaries = []
+    if not missing_file(settings.storage_url):
+        summaries = study_summaries(open_storage(settings.storage_url), study)
     if not summaries:
         console.print(f"no studies yet in {settings.storage_url}")
         return
@@ -403,13 +436,14 @@ def ui(
     tracking_uri: TrackingOpt = None,
 ) -> None:
     """Start the MLflow server and UI on the configured tracking database."""
-    from service.links import is_remote
+    from service.links import check_bindable, is_remote
     from service.mlflow_server import start_server, stop_server
 
     settings = _settings(ui_port=port, ui_host=host, tracking_uri=tracking_uri)
     if is_remote(settings.tracking):
         raise HPOError(f"tracking goes to a server already: open {settings.tracking} in a browser")
-    settings.home.mkdir(parents=True, exist_ok=True)
+    check_bindable(settings.ui_host, settings.ui_port)
+    settings.ensure_home()
     console.print(
         f"MLflow UI at http://{settings.ui_host}:{settings.ui_port}  (Ctrl-C stops it); "
         "pick 'Model training' at the top left to see studies' runs and charts"
@@ -425,10 +459,12 @@ def ui(
     try:
         code = process.wait()
     except KeyboardInterrupt:
-        code = 0
+        raise typer.Exit(0) from None
     finally:
         stop_server(process)
-    raise typer.Exit(code)
+    # it runs until stopped: a server that ends by itself has failed, whatever its exit code
+    _print_error(f"the MLflow server stopped (exit code {code}); its output is above")
+    raise typer.Exit(code or 1)
 
 
 db_app = typer.Typer(help="The service's own database schema (Alembic).", no_args_is_help=True)
@@ -441,30 +477,24 @@ def db_upgrade(
     db_url: DbUrlOpt = None,
 ) -> None:
     """Upgrade the service's database to REVISION (default: the latest)."""
-    from service.db.engine import make_engine
-    from service.db.migrations import current_revision, upgrade
+    from service.db.engine import safe_url
+    from service.db.migrations import check_revision, upgrade_database
 
     settings = _settings(db_url=db_url)
+    check_revision(settings.database_url, revision)  # a typo makes no file
     settings.ensure_home()
-    upgrade(settings.database_url, revision)
-    engine = make_engine(settings.database_url)
-    console.print(
-        f"{engine.url.render_as_string(hide_password=True)} is at {current_revision(engine)}"
-    )
-    engine.dispose()
+    at = upgrade_database(settings.database_url, revision)
+    console.print(f"{safe_url(settings.database_url)} is at {at}")
 
 
 @db_app.command("current")
 def db_current(db_url: DbUrlOpt = None) -> None:
     """Print the schema revision of the service's database and the one this version needs."""
-    from service.db.engine import make_engine
-    from service.db.migrations import current_revision, head_revision
+    from service.db.migrations import database_revisions
 
     settings = _settings(db_url=db_url)
-    engine = make_engine(settings.database_url)
-    needed = head_revision(settings.database_url)
-    console.print(f"current: {current_revision(engine) or 'none'}  needed: {needed}")
-    engine.dispose()
+    current, needed = database_revisions(settings.database_url)
+    console.print(f"current: {current or 'none'}  needed: {needed}")
 
 
 @app.command()
@@ -480,12 +510,12 @@ def sync(
     """Rebuild STUDY's rows in the service's database from Optuna and MLflow (idempotent)."""
     from service.db.migrations import open_database
     from service.registry import Registry, sync_study
-    from service.studies import load_study, open_storage
+    from service.studies import load_study
 
     _quiet_libraries()
     settings = _settings(storage=storage, tracking_uri=tracking_uri, db_url=db_url)
+    optuna_study = load_study(study, _existing_storage(settings, study))
     engine = open_database(settings)
-    optuna_study = load_study(study, open_storage(settings.storage_url))
     client = None
     if not no_mlflow:
         from service.tracking import connect, deliver_outbox, outbox_name
@@ -522,8 +552,10 @@ def serve(
 
     from service.api.app import create_app
     from service.db.migrations import open_database
+    from service.links import check_bindable
 
     settings = _settings(api_host=host, api_port=port, db_url=db_url)
+    check_bindable(settings.api_host, settings.api_port)
     engine = open_database(settings)
     auth = "bearer token required" if settings.api_token else "no token (HPO_API_TOKEN unset)"
     console.print(f"API at http://{settings.api_host}:{settings.api_port}  docs at /docs  ({auth})")
@@ -557,7 +589,7 @@ def main() -> None:
     try:
         code = app(standalone_mode=False)
     except HPOError as exc:
-        err_console.print(f"[red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        _print_error(str(exc))
         sys.exit(exc.exit_code)
     except typer.Exit as exc:
         sys.exit(exc.exit_code)
@@ -566,22 +598,26 @@ def main() -> None:
     except Exception as exc:  # the CLI boundary: never a traceback unless asked for
         if os.environ.get("HPO_DEBUG"):
             raise
-        import click
-
-        if isinstance(exc, click.ClickException):
+        if callable(getattr(exc, "show", None)) and hasattr(exc, "exit_code"):
+            # A usage error (bad option value, unknown option, missing argument): click's own
+            # message and exit code 2. Typer vendors click, so its exceptions are not click's.
             exc.show()
             sys.exit(exc.exit_code)
-        message = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        err_console.print(
-            f"[red]error:[/] {type(exc).__name__}: {message} (set HPO_DEBUG=1 for the traceback)",
-            highlight=False,
-            soft_wrap=True,
-        )
+        from service.retry import describe
+
+        _print_error(f"{type(exc).__name__}: {describe(exc)} (set HPO_DEBUG=1 for the traceback)")
         sys.exit(1)
     code = code if isinstance(code, int) else 0
     if "torch" in sys.modules:
         _skip_teardown()
     sys.exit(code)
+
+
+def _print_error(message: str) -> None:
+    from rich.text import Text
+
+    # Plain text, not markup: messages quote user input such as `grid = [1, 2]`.
+    err_console.print(Text.assemble(("error:", "red"), " ", message), soft_wrap=True)
 
 
 def _skip_teardown() -> None:

@@ -23,6 +23,7 @@ from service.errors import ExperimentError
 
 __all__ = [
     "KNOBS",
+    "NAME_PATTERN",
     "DataSection",
     "Experiment",
     "Knob",
@@ -35,7 +36,11 @@ __all__ = [
     "load_experiment",
     "pack_size",
     "parse_experiment",
+    "restore_experiment",
 ]
+
+# Names of experiments and studies: they become MLflow experiment names and REST paths.
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$"
 
 
 class _Problem(ValueError):
@@ -49,7 +54,8 @@ class _Problem(ValueError):
 class Section(BaseModel):
     """A table of the file: unknown keys are errors that list the keys allowed."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # strict: `steps = "10"` or `log = "yes"` is a mistake to name, not a value to guess at
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
     @model_validator(mode="before")
     @classmethod
@@ -70,7 +76,9 @@ class DataSection(Section):
         default=None, ge=4, description="sales/circle: examples to generate"
     )
     noise: float = Field(default=0.05, ge=0, description="sales: noise half-width")
-    path: Path | None = Field(default=None, description="csv/npz: the file, relative to this one")
+    path: Path | None = Field(
+        default=None, strict=False, description="csv/npz: the file, relative to this one"
+    )
     target: str | None = Field(default=None, description="csv: target column (default: last)")
     task: Literal["classification", "regression"] | None = None
     standardize: bool = False
@@ -115,6 +123,8 @@ class LossSection(Section):
         if self.kind != "piecewise" and (self.cost is not None or self.profit is not None):
             key = "cost" if self.cost is not None else "profit"
             raise _Problem(key, f"applies to kind = 'piecewise' only, not {self.kind!r}")
+        if self.cost == 0 and self.profit == 0:
+            raise _Problem("cost", "and profit are both 0: the loss would be 0 whatever the model")
         return self
 
 
@@ -320,7 +330,7 @@ class SearchSection(Section):
 class Experiment(Section):
     """A study recipe: data, model, loss, training budget and search."""
 
-    name: str | None = Field(default=None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
+    name: str | None = Field(default=None, pattern=NAME_PATTERN)
     description: str = ""
     data: DataSection = DataSection()
     model: ModelSection = ModelSection()
@@ -422,6 +432,20 @@ def parse_experiment(text: str, *, path: Path | None = None) -> Experiment:
         update={"data": experiment.data.model_copy(update={"path": data_path})}
     )
     experiment._source_path, experiment._source_text = path, text
+    return experiment
+
+
+def restore_experiment(text: str, identity: dict[str, Any] | None) -> Experiment:
+    """The experiment a study stored: its file's text, with the data file resolved where its
+    launcher resolved it (a relative ``data.path`` no longer says relative to what)."""
+    experiment = parse_experiment(text)
+    stored_path = ((identity or {}).get("data") or {}).get("path")
+    if stored_path is None or experiment.data.path is None or experiment.data.path.is_absolute():
+        return experiment
+    experiment = experiment.model_copy(
+        update={"data": experiment.data.model_copy(update={"path": Path(stored_path)})}
+    )
+    experiment._source_text = text
     return experiment
 
 

@@ -119,15 +119,6 @@ class Registry:
             session.flush()
             return row.id
 
-    def study_experiment(self, name: str) -> str | None:
-        """The experiment file a study was started with, as text (None: no such study)."""
-        with self.sessions() as session:
-            return session.scalar(select(StudyRow.experiment_text).where(StudyRow.name == name))
-
-    def known_studies(self) -> list[str]:
-        with self.sessions() as session:
-            return list(session.scalars(select(StudyRow.name).order_by(StudyRow.name)))
-
     def study_status(self, name: str) -> str | None:
         with self.sessions() as session:
             return session.scalar(select(StudyRow.status).where(StudyRow.name == name))

@@ -20,10 +20,10 @@ import torch
 from optuna.trial import FrozenTrial, TrialState
 
 from service.datasets import Dataset, load_data
-from service.db.engine import in_memory
+from service.db.engine import in_memory, missing_file, safe_url
 from service.db.migrations import open_database
 from service.errors import ExperimentError, HPOError, StudyError
-from service.experiment import KNOBS, Experiment, Knob, parse_experiment
+from service.experiment import KNOBS, Experiment, Knob
 from service.plots import PlotDrawer
 from service.plots import draw as draw_plots
 from service.registry import Registry, trial_fields, utcnow
@@ -34,9 +34,11 @@ from service.studies import (
     ATTR_EXPERIMENT_NAME,
     ATTR_TARGET,
     best_summary,
+    check_study_name,
+    launched_experiment,
+    mark_launched,
     open_storage,
     open_study_for,
-    safe_url,
     shared_reads,
 )
 from service.tracking import Backlog, Delivery, StudyTracker, connect
@@ -140,7 +142,11 @@ def network_shape(experiment: Experiment, data: Dataset) -> NetworkShape:
 
 def make_loss(experiment: Experiment) -> Loss:
     spec = experiment.loss
-    return Loss(spec.kind, cost=spec.cost or 1.0, profit=spec.profit or 1.0)
+    return Loss(
+        spec.kind,
+        cost=1.0 if spec.cost is None else spec.cost,  # 0 is a choice: over-prediction is free
+        profit=1.0 if spec.profit is None else spec.profit,
+    )
 
 
 class _FinishedTrials:
@@ -478,11 +484,20 @@ def run_study(
     with their MLflow runs marked FAILED, and their configs are queued again.
     """
     started = time.monotonic()
-    name = study_name or experiment.default_study_name
+    if joining:  # a worker joins a study that exists, whatever its name
+        name = study_name or experiment.default_study_name
+    elif study_name is not None:
+        name = check_study_name(study_name, settings.storage_url)
+    else:  # a file name can hold what a study name cannot ("my exp.toml")
+        name = check_study_name(
+            experiment.default_study_name,
+            settings.storage_url,
+            given_as="study name (the file's)",
+        )
     try:
         device = resolve_device(settings.device)
     except ValueError as exc:
-        raise HPOError(f"--device: {exc}") from None
+        raise HPOError(str(exc)) from None
     # (set again each time: an earlier study in this process may have chosen fewer)
     torch.set_num_threads(settings.cpu_threads or TORCH_CPU_THREADS)
     data = load_data(experiment.data, seed=experiment.search.seed)
@@ -574,6 +589,8 @@ def run_study(
     except Exception as exc:
         _finish(tracker, study, knobs, status="FAILED", grace=settings.tracking_grace)
         raise HPOError(f"the service database cannot be written: {exc}".splitlines()[0]) from exc
+    if not joining:
+        mark_launched(study, experiment)
     report = StudyReport(
         study_name=name,
         storage_url=safe_url(settings.storage_url),
@@ -674,21 +691,10 @@ def join_study(
     check_stop: Callable[[], None] | None = None,
 ) -> StudyReport:
     """Work on the study ``name`` beside any other workers, until it holds ``total`` trials
-    (default: its experiment's). The experiment comes from the service's registry, so nothing
-    but the database URLs is needed; with ``wait``, wait for the study to be launched."""
-    settings.ensure_home()
-    registry = Registry(open_database(settings))
-    while (text := registry.study_experiment(name)) is None:
-        if not wait:
-            known = ", ".join(registry.known_studies()) or "none yet"
-            raise StudyError(
-                f"no study named {name!r} in the service database (studies: {known}); "
-                "launch it with `hpo run EXPERIMENT.toml`, or pass --wait"
-            )
-        if check_stop is not None:
-            check_stop()
-        time.sleep(2.0)
-    experiment = parse_experiment(text)
+    (default: its experiment's). The experiment comes from the study in Optuna's storage, so
+    nothing but the storage and tracking URLs is needed; with ``wait``, wait for the study to
+    be launched."""
+    experiment = _launched(name, settings, wait=wait, check_stop=check_stop)
     return run_study(
         experiment,
         settings=settings,
@@ -700,6 +706,39 @@ def join_study(
         on_start=on_start,
         check_stop=check_stop,
     )
+
+
+def _launched(
+    name: str, settings: Settings, *, wait: bool, check_stop: Callable[[], None] | None
+) -> Experiment:
+    """The experiment of the study ``name``, from Optuna's storage; with ``wait``, once its
+    launcher has written it (a default SQLite storage is not created meanwhile)."""
+    storage = None
+    try:
+        while True:
+            if storage is None and not missing_file(settings.storage_url):
+                storage = open_storage(settings.storage_url)
+            if storage is not None and (found := launched_experiment(name, storage)):
+                return found
+            if not wait:
+                names = optuna.get_all_study_names(storage) if storage is not None else []
+                where = safe_url(settings.storage_url)
+                if name in names:
+                    raise StudyError(
+                        f"study {name!r} in {where} holds no hpo experiment yet (not made by "
+                        "hpo, or still being launched: --wait waits for it)"
+                    )
+                known = ", ".join(sorted(names)) or "none yet"
+                raise StudyError(
+                    f"no study named {name!r} in {where} (studies: {known}); "
+                    "launch it with `hpo run EXPERIMENT.toml`, or pass --wait"
+                )
+            if check_stop is not None:
+                check_stop()
+            time.sleep(2.0)
+    finally:
+        if storage is not None:
+            storage.engine.dispose()
 
 
 def _pack_size(

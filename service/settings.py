@@ -2,14 +2,42 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from pydantic import AliasChoices, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from service.errors import HPOError
 from service.links import is_remote
 
 __all__ = ["Settings"]
+
+_DATABASE_EXAMPLES = "e.g. sqlite:///path/to/file.db or postgresql+psycopg://user@host:5432/db"
+# The databases of MLflow's SQLAlchemy store: their URLs are checked like the others here;
+# every other tracking URI (a server, databricks, a plugin's) is MLflow's to judge on connect.
+_TRACKING_DATABASES = ("sqlite", "postgresql", "mysql", "mssql")
+
+
+def _check_database_url(value: str) -> str:
+    """A URL SQLAlchemy can open, checked without connecting: its dialect and driver exist."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError, NoSuchModuleError
+
+    try:
+        url = make_url(value)
+    except ArgumentError:
+        raise ValueError(f"not a database URL; {_DATABASE_EXAMPLES}") from None
+    try:
+        url.get_dialect().import_dbapi()
+    except NoSuchModuleError:
+        kind = url.drivername
+        raise ValueError(f"unknown database kind {kind!r}; {_DATABASE_EXAMPLES}") from None
+    except ImportError as exc:
+        raise ValueError(
+            f"the driver of {url.drivername!r} is not installed ({exc}); {_DATABASE_EXAMPLES}"
+        ) from None
+    return value
 
 
 class Settings(BaseSettings):
@@ -63,15 +91,33 @@ class Settings(BaseSettings):
         description="seconds without a heartbeat before a trial is failed (default: 3 intervals)",
     )
     ui_host: str = "127.0.0.1"
-    ui_port: int = 5000
+    ui_port: int = Field(default=5000, ge=1, le=65535)
     mlflow_ui_url: str | None = Field(
         default=None, description="base URL of the MLflow UI, for links to runs"
     )
     api_host: str = "127.0.0.1"
-    api_port: int = 8000
+    api_port: int = Field(default=8000, ge=1, le=65535)
     api_token: SecretStr | None = Field(
         default=None, description="when set, /api/v1 needs 'Authorization: Bearer <token>'"
     )
+
+    @field_validator("storage", "db_url")
+    @classmethod
+    def _database(cls, url: str | None) -> str | None:
+        return None if url is None else _check_database_url(url)
+
+    @field_validator("tracking_uri")
+    @classmethod
+    def _tracking(cls, uri: str | None) -> str | None:
+        scheme = uri.split(":", 1)[0].split("+", 1)[0].lower() if uri else ""
+        return _check_database_url(uri) if scheme in _TRACKING_DATABASES else uri
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, device: str) -> str:
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", device):
+            raise ValueError("not a device; allowed: auto, cpu, cuda, cuda:N")
+        return device
 
     @field_validator("api_token")
     @classmethod
@@ -117,4 +163,9 @@ class Settings(BaseSettings):
     def ensure_home(self) -> None:
         """Create ``home`` when an embedded default needs it."""
         if self.storage is None or self.tracking_uri is None or self.db_url is None:
-            self.home.mkdir(parents=True, exist_ok=True)
+            try:
+                self.home.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise HPOError(
+                    f"HPO_HOME={str(self.home)!r}: cannot be made a directory ({exc.strerror})"
+                ) from None

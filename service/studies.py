@@ -7,8 +7,10 @@ import copy
 import functools
 import json
 import logging
+import re
 import secrets
 import threading
+import time
 import warnings
 from collections import Counter
 from collections.abc import Callable, Container, Iterable, Iterator, Mapping, Sequence
@@ -21,12 +23,11 @@ import sqlalchemy.exc
 from optuna.storages._rdb import models as _models  # Optuna's tables, for the two writes below
 from optuna.storages._rdb.storage import _create_scoped_session
 from optuna.trial import FrozenTrial, TrialState
-from sqlalchemy.engine import make_url
 
-from service.db.engine import sqlite_file
+from service.db.engine import missing_file, safe_url, sqlite_file
 from service.errors import StudyError
-from service.experiment import KNOBS, Experiment
-from service.retry import retry_transient
+from service.experiment import KNOBS, NAME_PATTERN, Experiment, restore_experiment
+from service.retry import describe, retry_transient
 from service.search import make_pruner, make_sampler
 
 __all__ = [
@@ -42,10 +43,12 @@ __all__ = [
     "SharedReads",
     "StudySummary",
     "best_summary",
+    "check_study_name",
+    "launched_experiment",
     "load_study",
+    "mark_launched",
     "open_storage",
     "open_study_for",
-    "safe_url",
     "shared_reads",
     "study_summaries",
     "trial_summary",
@@ -59,14 +62,6 @@ ATTR_EXPERIMENT_NAME = "hpo.experiment_name"
 ATTR_EXPERIMENT_FILE = "hpo.experiment_file"
 ATTR_EXPERIMENT_TEXT = "hpo.experiment_toml"
 ATTR_TARGET = "hpo.target_trials"  # the study's total, as last asked for
-
-
-def safe_url(url: str) -> str:
-    """A storage URL fit to print: the password is masked."""
-    try:
-        return make_url(url).render_as_string(hide_password=True)
-    except sqlalchemy.exc.ArgumentError:
-        return url
 
 
 class RetryingRDBStorage(optuna.storages.RDBStorage):
@@ -454,17 +449,27 @@ def open_storage(
     if not url.startswith("sqlite"):
         engine_kwargs["pool_pre_ping"] = True
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            storage = RetryingRDBStorage(
-                url,
-                engine_kwargs=engine_kwargs,
-                heartbeat_interval=heartbeat_interval,
-                grace_period=grace_period,
-            )
+        for attempt in range(1, 4):
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                    storage = RetryingRDBStorage(
+                        url,
+                        engine_kwargs=engine_kwargs,
+                        heartbeat_interval=heartbeat_interval,
+                        grace_period=grace_period,
+                    )
+                break
+            except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError):
+                # Processes that open a new database at once (workers started together) race
+                # to create Optuna's tables on PostgreSQL; the loser finds them made next time.
+                if attempt == 3:
+                    raise
+                time.sleep(0.5 * attempt)
     except (sqlalchemy.exc.SQLAlchemyError, ValueError, ImportError) as exc:
-        detail = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
-        raise StudyError(f"cannot open the Optuna storage {safe_url(url)}: {detail}") from None
+        raise StudyError(
+            f"cannot open the Optuna storage {safe_url(url)}: {describe(exc)}"
+        ) from None
     storage.retry_seconds = retry_seconds
     if sqlite_file(storage.engine.url):
         # Every report of every trial is a commit: with a write-ahead log and fsync at
@@ -502,6 +507,43 @@ def _changed(stored: Any, experiment: Experiment) -> list[str]:
     """The settings in which ``experiment`` differs from the identity a study stored."""
     found = _differences(stored, experiment.identity())
     return [key for key in found if key not in _LOGGING_ONLY]
+
+
+def check_study_name(name: str, storage_url: str, *, given_as: str = "--study") -> str:
+    """``name`` if a new study may take it (it names an MLflow experiment and a REST path), or
+    if a study has it already (made before names were checked). A default SQLite storage that
+    does not exist yet is not created to find out."""
+    if re.fullmatch(NAME_PATTERN, name):
+        return name
+    if not missing_file(storage_url):
+        storage = open_storage(storage_url)
+        try:
+            if name in optuna.get_all_study_names(storage):
+                return name
+        finally:
+            storage.engine.dispose()
+    raise StudyError(
+        f"{given_as} {name!r}: not a study name; allowed: letters, digits, '_', '.' and '-', "
+        "starting with a letter or digit"
+    )
+
+
+def launched_experiment(name: str, storage: optuna.storages.BaseStorage) -> Experiment | None:
+    """The experiment the study ``name`` was launched with, as its launcher resolved it, read
+    from Optuna's storage alone; None while there is no such study."""
+    try:
+        study_id = storage.get_study_id_from_name(name)
+    except KeyError:
+        return None
+    attrs = storage.get_study_user_attrs(study_id)
+    if attrs and ATTR_FINGERPRINT not in attrs:  # hpo writes the fingerprint first
+        raise StudyError(f"study {name!r} exists but was not created by hpo")
+    if ATTR_EXPERIMENT_FILE not in attrs:  # written once it is launched: see mark_launched
+        return None
+    text = attrs.get(ATTR_EXPERIMENT_TEXT)
+    if text is None:  # created from an Experiment, not a file: its identity is all of it
+        return Experiment.model_validate(attrs[ATTR_EXPERIMENT])
+    return restore_experiment(text, attrs.get(ATTR_EXPERIMENT))
 
 
 def load_study(name: str, storage: optuna.storages.BaseStorage) -> optuna.Study:
@@ -561,14 +603,20 @@ def open_study_for(
         sampler=make_sampler(experiment.search, knobs),
         pruner=make_pruner(experiment.search),
     )
-    source = experiment.source_path.name if experiment.source_path else "<text>"
     study.set_user_attr(ATTR_FINGERPRINT, experiment.fingerprint())
     study.set_user_attr(ATTR_EXPERIMENT, experiment.identity())
     study.set_user_attr(ATTR_EXPERIMENT_NAME, experiment.name or experiment.default_study_name)
-    study.set_user_attr(ATTR_EXPERIMENT_FILE, source)
     if experiment.source_text is not None:
         study.set_user_attr(ATTR_EXPERIMENT_TEXT, experiment.source_text)
     return study
+
+
+def mark_launched(study: optuna.Study, experiment: Experiment) -> None:
+    """Let workers join: the launcher has made what they share (the MLflow parent run, the
+    service's row, the study's trial target). Until then a worker would race it to make them."""
+    source = experiment.source_path.name if experiment.source_path else "<text>"
+    if study.user_attrs.get(ATTR_EXPERIMENT_FILE) != source:
+        study.set_user_attr(ATTR_EXPERIMENT_FILE, source)
 
 
 def trial_summary(study_name: str, trial: FrozenTrial) -> dict[str, Any]:

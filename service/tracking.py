@@ -34,9 +34,11 @@ from mlflow.tracking.request_header.databricks_request_header_provider import (
 )
 from mlflow.utils.rest_utils import http_request, verify_rest_response
 
+from service.db.engine import safe_url
 from service.errors import TrackingError
 from service.links import is_remote
 from service.mlflow_server import use_wal
+from service.retry import describe
 
 __all__ = [
     "EXPERIMENT_KIND",
@@ -192,18 +194,23 @@ def connect(tracking_uri: str) -> TrackingClient:
         try:
             requests.get(tracking_uri.rstrip("/") + "/health", timeout=10).raise_for_status()
         except requests.RequestException as exc:
-            reason = type(exc).__name__ if not str(exc) else str(exc).split(": ")[-1][:120]
+            # the innermost reason, out of urllib3's nested reprs
+            reason = str(exc).split(": ")[-1].rstrip("'\")")[:120] or type(exc).__name__
             raise TrackingError(
-                f"cannot reach the MLflow tracking server at {tracking_uri} ({reason}); "
+                f"cannot reach the MLflow tracking server at {safe_url(tracking_uri)} ({reason}); "
                 "start it, or drop --tracking-uri/MLFLOW_TRACKING_URI to track into local SQLite"
             ) from None
     else:
         use_wal(tracking_uri)
-    client = TrackingClient(tracking_uri=tracking_uri)
     try:
+        client = TrackingClient(tracking_uri=tracking_uri)
         client.search_experiments(max_results=1)
     except Exception as exc:
-        raise TrackingError(f"cannot use MLflow tracking at {tracking_uri}: {exc}") from None
+        # MLflow's messages run to paragraphs: their first sentence says what is wrong
+        detail = describe(exc).split(". ")[0]
+        raise TrackingError(
+            f"cannot use MLflow tracking at {safe_url(tracking_uri)}: {detail}"
+        ) from None
     return client
 
 

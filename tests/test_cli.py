@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import optuna
 import pytest
 import requests
@@ -16,9 +18,11 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from service.cli import backlog_text
+from service.experiment import load_experiment
 from service.links import ui_url
 from service.plots import PLOT_NAMES
 from service.search import KNOBS
+from service.studies import open_storage, open_study_for
 from service.tracking import Backlog
 from service.training import exponential_decay
 from tests.conftest import TINY_DIGITS, free_port, wait_for_http, write_experiment
@@ -221,6 +225,110 @@ def test_bad_settings_name_the_variable_and_leave_nothing(
     assert not (hpo.home / "optuna.db").exists()
 
 
+# (arguments, environment, what stderr says); EXP stands for a good experiment file
+BAD_COMMAND_LINES = {
+    "negative --trials": (["run", "EXP", "--trials", "-1"], {}, "Invalid value for '--trials'"),
+    "unknown option": (["run", "EXP", "--bogus"], {}, "No such option: --bogus"),
+    "zero API workers": (["serve", "--workers", "0"], {}, "Invalid value for '--workers'"),
+    "study name with a slash": (["run", "EXP", "--study", "a/b"], {}, "--study 'a/b': not a"),
+    "empty study name": (["run", "EXP", "--study", ""], {}, "--study '': not a study name"),
+    "storage scheme": (
+        ["run", "EXP", "--storage", "foo://x"],
+        {},
+        "--storage='foo://x': unknown database kind 'foo'; e.g. sqlite:///",
+    ),
+    "tracking database driver": (
+        ["run", "EXP", "--tracking-uri", "sqlite+nosuch:///x.db"],
+        {},
+        "--tracking-uri='sqlite+nosuch:///x.db': unknown database kind 'sqlite+nosuch'",
+    ),
+    "tracking database from the environment, password masked": (
+        ["run", "EXP"],
+        {"MLFLOW_TRACKING_URI": "postgresql+nosuch://u:secret@h/db"},
+        "MLFLOW_TRACKING_URI='postgresql+nosuch://u:***@h/db': unknown database kind",
+    ),
+    "unreachable service database": (
+        ["serve", "--db-url", "postgresql+psycopg://nohost.invalid/db"],
+        {},
+        "cannot open the service database postgresql+psycopg://nohost.invalid/db:",
+    ),
+    "unknown revision": (
+        ["db", "upgrade", "nosuchrev"],
+        {},
+        "revision 'nosuchrev': unknown; allowed: head, 0001",
+    ),
+    "port out of range": (["ui", "--port", "99999"], {}, "--port=99999: Input should be less"),
+    "port from the environment": (["serve"], {"HPO_API_PORT": "0"}, "HPO_API_PORT='0': Input"),
+    "device": (["run", "EXP"], {"HPO_DEVICE": "tpu"}, "HPO_DEVICE='tpu': not a device; allowed"),
+    "brackets in a message": (
+        ["run", "GRID"],
+        {},
+        "search.space.lr_base: sampler = 'grid' needs grid = [values] or value = x",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", BAD_COMMAND_LINES)
+def test_bad_command_lines_exit_2_with_one_message_and_make_nothing(hpo, tmp_path, case):
+    args, env, expected = BAD_COMMAND_LINES[case]
+    good = write_experiment(tmp_path, TINY_DIGITS)
+    grid = write_experiment(tmp_path, "[search]\nsampler = 'grid'\n", "grid.toml")
+    args = [{"EXP": str(good), "GRID": str(grid)}.get(a, a) for a in args]
+    hpo.env.update(env)
+    result = hpo(*args, timeout=60)
+    assert result.returncode == 2, result.stderr
+    assert expected in result.stderr
+    assert "Traceback" not in result.stderr + result.stdout
+    assert "secret" not in result.stderr
+    if not result.stderr.startswith("Usage:"):  # click's usage errors come with the usage
+        assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+        assert result.stdout == ""
+    made = sorted(p.name for p in hpo.home.iterdir()) if hpo.home.exists() else []
+    assert made == [], made
+
+
+def test_a_tracking_store_mlflow_refuses_is_one_line_and_no_study(hpo, tiny_experiment):
+    result = hpo("run", str(tiny_experiment), "--tracking-uri", str(hpo.home / "mlruns"))
+    assert result.returncode == 2
+    assert "cannot use MLflow tracking at" in result.stderr
+    assert "maintenance mode" in result.stderr  # MLflow 3's word on its file store
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert not (hpo.home / "optuna.db").exists()
+
+
+def test_a_study_made_before_names_were_checked_still_resumes(hpo, tiny_experiment):
+    hpo.home.mkdir()
+    storage = open_storage(hpo.storage)
+    open_study_for(load_experiment(tiny_experiment), name="old name", storage=storage)
+    storage.engine.dispose()
+    result = hpo("run", str(tiny_experiment), "--study", "old name", "--trials", "1")
+    assert result.returncode == 0, result.stderr
+    fresh = hpo("run", str(tiny_experiment), "--study", "new name", "--trials", "1")
+    assert fresh.returncode == 2 and "--study 'new name': not a study name" in fresh.stderr
+
+
+def test_a_port_in_use_is_refused_before_a_server_starts(hpo):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = str(taken.getsockname()[1])
+        for verb in ("ui", "serve"):
+            result = hpo(verb, "--port", port, timeout=60)
+            assert result.returncode == 2, (verb, result.stderr)
+            assert f"cannot listen on 127.0.0.1:{port} (Address already in use)" in result.stderr
+
+
+def test_reading_commands_on_a_fresh_machine_create_nothing(hpo):
+    status = hpo("status")
+    assert status.returncode == 0 and "no studies yet" in status.stdout, status.stderr
+    for args in (["best", "x"], ["sync", "x"]):
+        result = hpo(*args)
+        assert result.returncode == 2 and "no study named 'x' (studies: none yet)" in result.stderr
+    current = hpo("db", "current")
+    assert current.returncode == 0 and "current: none  needed: 0001" in current.stdout
+    assert not hpo.home.exists()
+
+
 def test_unreachable_tracking_server_leaves_no_study(hpo, tiny_experiment):
     result = hpo("run", str(tiny_experiment), "--tracking-uri", "http://127.0.0.1:9")
     assert result.returncode != 0
@@ -228,6 +336,55 @@ def test_unreachable_tracking_server_leaves_no_study(hpo, tiny_experiment):
     assert len(result.stderr.strip().splitlines()) == 1
     if (hpo.home / "optuna.db").exists():
         assert optuna.get_all_study_names(hpo.storage) == []
+
+
+def test_a_worker_needs_only_the_study_to_join_it(hpo, tmp_path):
+    """`hpo worker` finds the experiment in the Optuna study itself, with the data file where
+    its launcher found it: the worker runs elsewhere (another directory, another home and so
+    another service database) and the experiment names its data relative to its file."""
+    project = tmp_path / "project"
+    project.mkdir()
+    x = np.random.default_rng(0).uniform(size=(80, 3)).astype(np.float32)
+    np.savez(project / "d.npz", x=x, y=x.sum(1))
+    path = write_experiment(
+        project,
+        "name = 'rel'\n[data]\nsource = 'npz'\npath = 'd.npz'\ntask = 'regression'\n"
+        "[loss]\nkind = 'mse'\n[model]\nhidden = [4]\n"
+        "[training]\nsteps = 20\nbatch_size = 16\neval_every = 10\n"
+        "[search]\ntrials = 2\nseed = 1\npack = 1\npruner = 'none'\n",
+    )
+    hpo.env.update(
+        HPO_STORAGE=hpo.storage, MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path / 'mlflow.db'}"
+    )
+    launched = hpo("run", str(path), "--trials", "1")
+    assert launched.returncode == 0, launched.stderr
+    hpo.env["HPO_HOME"] = str(tmp_path / "elsewhere")
+    joined = hpo("worker", "rel", "--trials", "3")
+    assert joined.returncode == 0, joined.stderr
+    study = optuna.load_study(study_name="rel", storage=hpo.storage)
+    assert [t.state.name for t in study.trials] == ["COMPLETE"] * 3
+    missing = hpo("worker", "nosuch")
+    assert missing.returncode == 2
+    assert "no study named 'nosuch'" in missing.stderr and "(studies: rel)" in missing.stderr
+
+
+def test_a_waiting_worker_on_a_fresh_machine_waits_and_makes_nothing(hpo):
+    process = subprocess.Popen(
+        [sys.executable, "-m", "service.cli", "worker", "later", "--wait"],
+        env=hpo.env,
+        cwd=hpo.home.parent,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert "waiting for study 'later'" in process.stdout.readline()
+        time.sleep(3)  # a few rounds of its polling
+        assert process.poll() is None, process.stderr.read()
+        assert not (hpo.home / "optuna.db").exists()
+    finally:
+        process.send_signal(signal.SIGINT)
+        assert process.wait(timeout=30) == 130
 
 
 def test_other_experiment_under_existing_study_is_refused(hpo, tmp_path, tiny_experiment):
@@ -392,7 +549,7 @@ def test_grid_study_stops_at_the_grid_size(hpo, tmp_path):
 def test_cuda_without_a_gpu_is_a_clear_error(hpo, tiny_experiment):
     result = hpo("run", str(tiny_experiment), "--device", "cuda")
     assert result.returncode != 0
-    assert "--device: device 'cuda' was asked for, but torch sees no CUDA device" in result.stderr
+    assert "error: device 'cuda' was asked for, but torch sees no CUDA device" in result.stderr
     assert not (hpo.home / "optuna.db").exists()
 
 

@@ -199,5 +199,15 @@ def test_the_stack_runs_a_study(tmp_path):
                 timeout=10,
             ).json()["run"]
             assert run["info"]["status"] == "FINISHED"
+            # workers that joined as it was launched made no parent run of their own
+            parents = requests.post(
+                f"http://127.0.0.1:{stack.ports['mlflow']}/api/2.0/mlflow/runs/search",
+                json={
+                    "experiment_ids": [run["info"]["experiment_id"]],
+                    "filter": "tags.`hpo.kind` = 'study'",
+                },
+                timeout=10,
+            ).json()["runs"]
+            assert len(parents) == 1, parents
         finally:
             stack.stop()

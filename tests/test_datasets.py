@@ -4,6 +4,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from service.datasets import load_data
 from service.errors import ExperimentError
@@ -50,6 +51,16 @@ def test_piecewise_loss_makes_sales_model_over_or_under_predict(cost, profit, ab
     weights = curve.outcome.parameters[0].ravel()
     assert curve.outcome.state == "complete"
     assert (weights > 1).all() if above_one else (weights < 1).all(), weights
+
+
+def test_a_piecewise_cost_or_profit_of_zero_is_kept():
+    """0 is a choice (one side of the error is free), not a missing value to default."""
+    text = "[data]\nsource = 'sales'\n[loss]\nkind = 'piecewise'\ncost = 0\nprofit = 3"
+    loss = make_loss(parse_experiment(text))
+    assert (loss.cost, loss.profit) == (0, 3)
+    one, two = torch.ones(1, 1), torch.full((1, 1), 2.0)
+    assert loss(two, one).item() == 0  # over-predicted by 1: free
+    assert loss(one, two).item() == 3  # under-predicted by 1
 
 
 def test_circle_follows_the_notes():

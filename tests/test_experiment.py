@@ -58,6 +58,19 @@ def test_the_three_seed_experiments_are_shipped():
         ("[data]\nsource = 'sales'", "loss.kind: 'softmax_cross_entropy' needs class labels"),
         ("[model]\nhidden = [4, 0]", "model.hidden: sizes must be at least 1"),
         ("name = 'a b'", "name = 'a b': String should match pattern"),
+        ("[training]\nsteps = '10'", "training.steps = '10': Input should be a valid integer"),
+        (
+            "[search.space.lr_base]\nlow = 0.01\nhigh = 0.1\nlog = 'yes'",
+            "search.space.lr_base.log = 'yes': Input should be a valid boolean",
+        ),
+        (
+            "[search.space.staircase]\nchoices = ['yes']",
+            "search.space.staircase.choices.0 = 'yes': Input should be a valid boolean",
+        ),
+        (
+            "[data]\nsource = 'sales'\n[loss]\nkind = 'piecewise'\ncost = 0\nprofit = 0",
+            "loss.cost: and profit are both 0",
+        ),
         ("[model\nhidden = 1", "not valid TOML"),
     ],
 )

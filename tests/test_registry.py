@@ -126,6 +126,8 @@ def test_sync_refuses_what_it_cannot_rebuild(hpo):
     assert result.returncode != 0
     assert "no study named 'ghost'" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+    assert not hpo.home.exists(), "a command that only reads makes no files"
+    hpo.home.mkdir()
     optuna.create_study(study_name="foreign", storage=hpo.storage)
     result = hpo("sync", "foreign")
     assert result.returncode != 0

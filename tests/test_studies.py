@@ -459,3 +459,22 @@ def test_a_claim_whose_lock_went_with_its_session_keeps_to_the_budget(postgres_u
     assert claim_trial(study, storage, target=1) is None
     assert [t.number for t in taken] == [0]
     assert [t.state for t in study.get_trials()] == [TrialState.RUNNING]
+
+
+@pytest.mark.postgres
+def test_processes_opening_a_new_database_at_once_all_open_it():
+    """Workers started together on an empty PostgreSQL database race to create Optuna's
+    tables; every one of them gets the storage."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tests.conftest import fresh_postgres_database
+
+    def open_at_once(url: str, start: threading.Barrier) -> None:
+        start.wait()
+        open_storage(url).engine.dispose()
+
+    for _ in range(3):  # the race is lost in some rounds only
+        with fresh_postgres_database() as url, ThreadPoolExecutor(6) as pool:
+            start = threading.Barrier(6)
+            for future in [pool.submit(open_at_once, url, start) for _ in range(6)]:
+                future.result()

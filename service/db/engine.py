@@ -2,12 +2,29 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import URL, Engine, create_engine, event, make_url
+from sqlalchemy.exc import ArgumentError
 from sqlalchemy.orm import Session, sessionmaker
 
-__all__ = ["in_memory", "make_engine", "make_sessionmaker", "sqlite_file"]
+__all__ = [
+    "in_memory",
+    "make_engine",
+    "make_sessionmaker",
+    "missing_file",
+    "safe_url",
+    "sqlite_file",
+]
+
+
+def safe_url(url: str) -> str:
+    """A database URL fit to print: the password is masked."""
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except ArgumentError:
+        return url
 
 
 def in_memory(url: str | URL) -> bool:
@@ -21,6 +38,17 @@ def sqlite_file(url: str | URL) -> bool:
     """Whether ``url`` is a SQLite database in a file: one beside which a lock or a write-ahead
     log can live, and that another process can open."""
     return make_url(url).get_backend_name() == "sqlite" and not in_memory(url)
+
+
+def missing_file(url: str | URL) -> bool:
+    """Whether ``url`` is a SQLite file that does not exist yet: a command that only reads
+    reports it empty instead of creating it."""
+    if not sqlite_file(url):
+        return False
+    database = make_url(url).database or ""
+    if database.startswith("file:"):  # a URI filename; SQLite resolves it
+        return False
+    return not Path(database).exists()
 
 
 def make_engine(url: str, **kwargs: Any) -> Engine:

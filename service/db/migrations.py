@@ -2,29 +2,38 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import re
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
+import sqlalchemy.exc
 from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
+from alembic.util import CommandError
 from sqlalchemy import Engine
 
-from service.db.engine import make_engine
+from service.db.engine import make_engine, missing_file, safe_url
 from service.errors import HPOError
+from service.retry import describe
 from service.settings import Settings
 
 __all__ = [
     "ALEMBIC_DIR",
     "SchemaError",
     "alembic_config",
+    "check_revision",
     "current_revision",
+    "database_revisions",
     "ensure_schema",
     "head_revision",
     "open_database",
     "upgrade",
+    "upgrade_database",
 ]
 
 
@@ -72,13 +81,73 @@ def upgrade(url: str, revision: str = "head") -> None:
     command.upgrade(alembic_config(url), revision)
 
 
+@contextlib.contextmanager
+def _reaching(url: str) -> Iterator[None]:
+    """A database that cannot be opened becomes one line that names it."""
+    try:
+        yield
+    except sqlalchemy.exc.SQLAlchemyError as exc:
+        raise HPOError(
+            f"cannot open the service database {safe_url(url)}: {describe(exc)}"
+        ) from None
+    except CommandError as exc:  # e.g. a revision stamped by a newer version of hpo
+        raise HPOError(
+            f"the service database {safe_url(url)}: {describe(exc)}; this version knows "
+            f"{', '.join(_revisions(url))}"
+        ) from None
+
+
+def _revisions(url: str) -> list[str]:
+    return [s.revision for s in ScriptDirectory.from_config(alembic_config(url)).walk_revisions()]
+
+
+def check_revision(url: str, revision: str) -> None:
+    """Refuse a target revision this version does not know, before any database is touched.
+    Relative targets (``+1``, ``head-1``) are left to Alembic."""
+    if re.search(r"[+-]\d+$", revision):
+        return
+    try:
+        ScriptDirectory.from_config(alembic_config(url)).get_revisions(revision)
+    except CommandError:
+        known = ", ".join(["head", *_revisions(url)])
+        raise HPOError(f"revision {revision!r}: unknown; allowed: {known}") from None
+
+
 def open_database(settings: Settings) -> Engine:
     """An engine on the service's database, checked to be at the schema this code needs: the
     embedded default is upgraded in place, any other database is refused when behind."""
     settings.ensure_home()
-    engine = make_engine(settings.database_url)
-    ensure_schema(engine, auto_upgrade=settings.db_url is None)
+    url = settings.database_url
+    engine = make_engine(url)
+    with _reaching(url):
+        ensure_schema(engine, auto_upgrade=settings.db_url is None)
     return engine
+
+
+def upgrade_database(url: str, revision: str = "head") -> str | None:
+    """Upgrade the database at ``url`` to ``revision``; returns the revision it is at."""
+    check_revision(url, revision)
+    with _reaching(url):
+        upgrade(url, revision)
+        engine = make_engine(url)
+        try:
+            return current_revision(engine)
+        finally:
+            engine.dispose()
+
+
+def database_revisions(url: str) -> tuple[str | None, str | None]:
+    """The revision the database at ``url`` is at (None: none, or no database yet) and the one
+    this version needs; a SQLite file that does not exist is not created."""
+    head = head_revision(url)
+    if missing_file(url):
+        return None, head
+    with _reaching(url):
+        engine = make_engine(url)
+        try:
+            return current_revision(engine), head
+        finally:
+            engine.dispose()
 
 
 def ensure_schema(engine: Engine, *, auto_upgrade: bool) -> None:
@@ -87,6 +156,11 @@ def ensure_schema(engine: Engine, *, auto_upgrade: bool) -> None:
     head, current = head_revision(url), current_revision(engine)
     if current == head:
         return
+    if current is not None and current not in _revisions(url):
+        raise SchemaError(
+            f"the service database {safe_url(url)} is at schema {current}, which a newer hpo "
+            f"made: this version knows {', '.join(_revisions(url))}"
+        )
     if auto_upgrade:
         upgrade(url)
         return

@@ -149,11 +149,16 @@ def resolve_device(name: str = "auto") -> torch.device:
     """``auto`` picks CUDA when there is one; ``cuda`` without a GPU is an error."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError("device 'cuda' was asked for, but torch sees no CUDA device")
     if name != "cpu" and not name.startswith("cuda"):
         raise ValueError(f"device {name!r} is not one of auto, cpu, cuda")
-    return torch.device(name)
+    device = torch.device(name)
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ValueError(f"device {name!r} was asked for, but torch sees no CUDA device")
+        if device.index is not None and device.index >= count:
+            raise ValueError(f"device {name!r}: torch sees {count} CUDA device(s), from cuda:0")
+    return device
 
 
 def batch_table(n_examples: int, batch_size: int, steps: int, seed: int) -> torch.Tensor:

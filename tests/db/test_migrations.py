@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 from alembic import command
-from sqlalchemy import inspect
+from sqlalchemy import inspect, text
 
 from service.db.engine import make_engine
 from service.db.migrations import (
@@ -70,3 +70,20 @@ def test_hpo_db_upgrade_and_refusals_from_the_command_line(hpo, tiny_experiment,
     assert upgraded.returncode == 0, upgraded.stderr
     assert head_revision(db_url) in upgraded.stdout
     upgrade(db_url)  # idempotent
+
+
+def test_relative_targets_and_a_revision_from_a_newer_version(hpo, tmp_path):
+    db_url = f"sqlite:///{tmp_path / 'explicit.db'}"
+    result = hpo("db", "upgrade", "+1", "--db-url", db_url)  # Alembic's relative target
+    assert result.returncode == 0, result.stderr
+    assert head_revision(db_url) in result.stdout
+    engine = make_engine(db_url)
+    with engine.begin() as connection:  # as a newer hpo would leave it
+        connection.execute(text("UPDATE alembic_version SET version_num = '9999'"))
+    engine.dispose()
+    for args in (["db", "upgrade"], ["serve"]):
+        result = hpo(*args, "--db-url", db_url)
+        assert result.returncode == 2, result.stderr
+        assert "9999" in result.stderr
+        assert f"this version knows {head_revision(db_url)}" in result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1, result.stderr
