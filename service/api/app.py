@@ -45,6 +45,12 @@ def healthz(session: SessionDep) -> Health | JSONResponse:
     return Health(status="ok", database="ok")
 
 
+# HTTP wants HEAD wherever GET is, and health checkers use it (outside the schema: no body)
+health.add_api_route(
+    "/healthz", healthz, methods=["HEAD"], response_model=None, include_in_schema=False
+)
+
+
 async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
     return JSONResponse(
         {"message": str(exc.detail)}, status_code=exc.status_code, headers=exc.headers

@@ -7,17 +7,34 @@ from collections.abc import Iterator
 from typing import Annotated
 
 from fastapi import Depends, HTTPException, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
 
 from service.settings import Settings
 
-__all__ = ["SessionDep", "SettingsDep", "get_session", "require_token"]
+__all__ = ["SessionDep", "SettingsDep", "get_session", "no_query_parameters", "require_token"]
 
 
 def get_session(request: Request) -> Iterator[Session]:
     with request.app.state.sessions() as session:
         yield session
+
+
+def no_query_parameters(request: Request) -> None:
+    """For a route that takes no query parameters: a misspelt filter is refused, not ignored
+    (the answer would look filtered and be everything)."""
+    for name, value in request.query_params.multi_items():
+        raise RequestValidationError(
+            [
+                {
+                    "loc": ("query", name),
+                    "msg": "Extra inputs are not permitted (this route takes no parameters)",
+                    "type": "extra_forbidden",
+                    "input": value,
+                }
+            ]
+        )
 
 
 def get_settings(request: Request) -> Settings:

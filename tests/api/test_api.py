@@ -8,6 +8,7 @@ import sys
 
 import optuna
 import pytest
+import requests
 import sqlalchemy as sa
 from mlflow.tracking import MlflowClient
 
@@ -31,6 +32,8 @@ def all_trials(api, study="mixed") -> list[dict]:
 
 def test_health_and_docs(api):
     assert api.get("/healthz").json() == {"status": "ok", "database": "ok"}
+    head = requests.head(f"{api.url}/healthz", timeout=10)  # what health checkers send
+    assert head.status_code == 200 and head.content == b""
     assert "swagger" in api.get("/docs").text.lower()
     spec = api.get("/openapi.json").json()
     for path, operations in spec["paths"].items():
@@ -185,6 +188,12 @@ def test_best_across_the_studies_of_an_experiment(api, studies):
             "lr_base_min = 2.0 is above",
         ),
         ("/api/v1/studies/mixed/trials?colour=red", 422, "colour: Extra inputs are not permitted"),
+        # routes without parameters refuse a misspelt filter instead of answering unfiltered
+        ("/api/v1/studies?experiment=nope", 422, "experiment: Extra inputs are not permitted"),
+        ("/api/v1/studies/mixed?state=FAIL", 422, "state: Extra inputs are not permitted"),
+        ("/api/v1/studies/mixed/best?state=PRUNED", 422, "state: Extra inputs are not"),
+        ("/api/v1/studies/mixed/trials/0?limit=abc", 422, "limit: Extra inputs are not"),
+        ("/api/v1/experiments/mixed/best?study=x", 422, "study: Extra inputs are not permitted"),
         ("/api/v1/studies/mixed/trials?state=DONE", 422, "state.0: Input should be 'COMPLETE'"),
         ("/api/v1/studies/mixed/trials?order_by=lr", 422, "order_by: Input should be 'value'"),
         (

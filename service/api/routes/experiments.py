@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, HTTPException, Path
+from fastapi import APIRouter, Depends, HTTPException, Path
 
 from service.api import queries
 from service.api.convert import best_out
-from service.api.deps import SessionDep, SettingsDep
+from service.api.deps import SessionDep, SettingsDep, no_query_parameters
 from service.api.schemas import ErrorOut, ExperimentBestOut
 
 router = APIRouter(prefix="/experiments", tags=["experiments"])
@@ -24,6 +24,7 @@ router = APIRouter(prefix="/experiments", tags=["experiments"])
         },
         422: {"model": ErrorOut, "description": "invalid parameters"},
     },
+    dependencies=[Depends(no_query_parameters)],
     summary="The best config of each study of an experiment, best first",
 )
 def experiment_best(

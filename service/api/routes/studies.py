@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, HTTPException, Path, Query
+from fastapi import APIRouter, Depends, HTTPException, Path, Query
 
 from service.api import queries
 from service.api.convert import best_out, study_out, trial_out
-from service.api.deps import SessionDep, SettingsDep
+from service.api.deps import SessionDep, SettingsDep, no_query_parameters
 from service.api.schemas import BestOut, ErrorOut, StudyDetail, StudyList, TrialOut, TrialPage
 from service.db.models import StudyRow
 
@@ -17,6 +17,7 @@ router = APIRouter(prefix="/studies", tags=["studies"])
 StudyName = Annotated[str, Path(description="the study's name")]
 NOT_FOUND = {404: {"model": ErrorOut, "description": "no such study or trial"}}
 INVALID = {422: {"model": ErrorOut, "description": "invalid parameters"}}
+NO_QUERY = [Depends(no_query_parameters)]
 
 
 def _study(session, name: str) -> StudyRow:
@@ -26,7 +27,13 @@ def _study(session, name: str) -> StudyRow:
     return study
 
 
-@router.get("", response_model=StudyList, summary="Every study, with trial counts and best value")
+@router.get(
+    "",
+    response_model=StudyList,
+    responses=INVALID,
+    dependencies=NO_QUERY,
+    summary="Every study, with trial counts and best value",
+)
 def list_studies(session: SessionDep, settings: SettingsDep) -> StudyList:
     studies = queries.all_studies(session)
     counts = queries.state_counts(session, [s.id for s in studies])
@@ -40,6 +47,7 @@ def list_studies(session: SessionDep, settings: SettingsDep) -> StudyList:
     "/{study}",
     response_model=StudyDetail,
     responses={**NOT_FOUND, **INVALID},
+    dependencies=NO_QUERY,
     summary="One study with its experiment",
 )
 def get_study(study: StudyName, session: SessionDep, settings: SettingsDep) -> StudyDetail:
@@ -56,6 +64,7 @@ def get_study(study: StudyName, session: SessionDep, settings: SettingsDep) -> S
         404: {"model": ErrorOut, "description": "no such study, or no trial finished yet"},
         **INVALID,
     },
+    dependencies=NO_QUERY,
     summary="The best config of a study",
 )
 def get_best(study: StudyName, session: SessionDep, settings: SettingsDep) -> BestOut:
@@ -99,6 +108,7 @@ def get_trials(
     "/{study}/trials/{number}",
     response_model=TrialOut,
     responses={**NOT_FOUND, **INVALID},
+    dependencies=NO_QUERY,
     summary="One trial",
 )
 def get_trial(
