@@ -87,6 +87,8 @@ def _settings(**overrides: Any):
             name = _FLAGS.get(field, "--" + field.replace("_", "-"))
         else:  # as the environment spells it
             name = field if field.isupper() else f"HPO_{field.upper()}"
+            if name == "MLFLOW_TRACKING_URI" and name not in os.environ:
+                name = "HPO_TRACKING_URI"  # pydantic names the first alias, not the one read
         if "token" in field.lower():
             value = ""  # never echo a secret
         elif field in _URLS or field == "MLFLOW_TRACKING_URI":

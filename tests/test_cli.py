@@ -247,6 +247,11 @@ BAD_COMMAND_LINES = {
         {"MLFLOW_TRACKING_URI": "postgresql+nosuch://u:secret@h/db"},
         "MLFLOW_TRACKING_URI='postgresql+nosuch://u:***@h/db': unknown database kind",
     ),
+    "tracking database from HPO_TRACKING_URI": (
+        ["run", "EXP"],
+        {"HPO_TRACKING_URI": "sqlite+nosuch:///x.db"},
+        "error: HPO_TRACKING_URI='sqlite+nosuch:///x.db': unknown database kind",
+    ),
     "unreachable service database": (
         ["serve", "--db-url", "postgresql+psycopg://nohost.invalid/db"],
         {},
