@@ -460,10 +460,16 @@ def open_storage(
                         grace_period=grace_period,
                     )
                 break
-            except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError):
+            except sqlalchemy.exc.DBAPIError as exc:
                 # Processes that open a new database at once (workers started together) race
-                # to create Optuna's tables on PostgreSQL; the loser finds them made next time.
-                if attempt == 3:
+                # to create Optuna's tables; the loser finds them made the next time.
+                raced = isinstance(
+                    exc, sqlalchemy.exc.IntegrityError | sqlalchemy.exc.ProgrammingError
+                ) or (
+                    isinstance(exc, sqlalchemy.exc.OperationalError)
+                    and "already exists" in str(exc.orig)  # SQLite's word for it
+                )
+                if attempt == 3 or not raced:
                     raise
                 time.sleep(0.5 * attempt)
     except (sqlalchemy.exc.SQLAlchemyError, ValueError, ImportError) as exc:

@@ -13,6 +13,7 @@ from optuna.trial import TrialState
 
 from service.studies import RetryingRDBStorage, open_storage, shared_reads
 from service.workers import claim_trial, claimed, requeue
+from tests.conftest import BACKENDS, empty_database
 
 RUNNING = 8  # trials side by side, as in a pack
 
@@ -461,20 +462,19 @@ def test_a_claim_whose_lock_went_with_its_session_keeps_to_the_budget(postgres_u
     assert [t.state for t in study.get_trials()] == [TrialState.RUNNING]
 
 
-@pytest.mark.postgres
-def test_processes_opening_a_new_database_at_once_all_open_it():
-    """Workers started together on an empty PostgreSQL database race to create Optuna's
-    tables; every one of them gets the storage."""
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_processes_opening_a_new_database_at_once_all_open_it(backend, tmp_path):
+    """Workers started together on an empty database race to create Optuna's tables; every
+    one of them gets the storage."""
     from concurrent.futures import ThreadPoolExecutor
-
-    from tests.conftest import fresh_postgres_database
 
     def open_at_once(url: str, start: threading.Barrier) -> None:
         start.wait()
         open_storage(url).engine.dispose()
 
-    for _ in range(3):  # the race is lost in some rounds only
-        with fresh_postgres_database() as url, ThreadPoolExecutor(6) as pool:
+    for round_ in range(3):  # the race is lost in some rounds only
+        databases = contextlib.contextmanager(empty_database)
+        with databases(backend, tmp_path / f"{round_}.db") as url, ThreadPoolExecutor(6) as pool:
             start = threading.Barrier(6)
             for future in [pool.submit(open_at_once, url, start) for _ in range(6)]:
                 future.result()
