@@ -91,7 +91,7 @@ def _settings(**overrides: Any):
                 name = "HPO_TRACKING_URI"  # pydantic names the first alias, not the one read
         if "token" in field.lower():
             value = ""  # never echo a secret
-        elif field in _URLS or field == "MLFLOW_TRACKING_URI":
+        elif field in _URLS:
             value = f"={safe_url(str(first['input']))!r}"  # nor a URL's password
         else:
             value = f"={first['input']!r}"
@@ -100,7 +100,7 @@ def _settings(**overrides: Any):
 
 
 _FLAGS = {"ui_port": "--port", "ui_host": "--host", "api_port": "--port", "api_host": "--host"}
-_URLS = {"storage", "db_url", "tracking_uri"}
+_URLS = {"storage", "db_url", "tracking_uri", "MLFLOW_TRACKING_URI"}  # (as pydantic names it)
 
 
 class Terminated(KeyboardInterrupt):

@@ -444,8 +444,7 @@ def restore_experiment(text: str, identity: dict[str, Any] | None) -> Experiment
         return experiment
     experiment = experiment.model_copy(
         update={"data": experiment.data.model_copy(update={"path": Path(stored_path)})}
-    )
-    experiment._source_text = text
+    )  # (a copy keeps the source text)
     return experiment
 
 

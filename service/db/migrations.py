@@ -125,8 +125,8 @@ def open_database(settings: Settings) -> Engine:
 
 
 def upgrade_database(url: str, revision: str = "head") -> str | None:
-    """Upgrade the database at ``url`` to ``revision``; returns the revision it is at."""
-    check_revision(url, revision)
+    """Upgrade the database at ``url`` to ``revision``; returns the revision it is at. (Check
+    ``revision`` with :func:`check_revision` first, before making the database's folder.)"""
     with _reaching(url):
         upgrade(url, revision)
         engine = make_engine(url)
@@ -156,10 +156,10 @@ def ensure_schema(engine: Engine, *, auto_upgrade: bool) -> None:
     head, current = head_revision(url), current_revision(engine)
     if current == head:
         return
-    if current is not None and current not in _revisions(url):
+    if current is not None and current not in (known := _revisions(url)):
         raise SchemaError(
             f"the service database {safe_url(url)} is at schema {current}, which a newer hpo "
-            f"made: this version knows {', '.join(_revisions(url))}"
+            f"made: this version knows {', '.join(known)}"
         )
     if auto_upgrade:
         upgrade(url)
