@@ -71,6 +71,9 @@ __all__ = [
 ROW_RETRY_SECONDS = 5.0
 # a trial that ends waits this long for its MLflow run to be created, while the server answers
 RUN_WAIT_SECONDS = 10.0
+# Optuna's storage gets a running trial's reports this late at most: held, a pack's reports
+# go in one commit instead of one each
+TRIAL_WRITE_DELAY = 0.5
 
 log = logging.getLogger(__name__)
 
@@ -151,7 +154,8 @@ def make_loss(experiment: Experiment) -> Loss:
 
 class _FinishedTrials:
     """The study as Optuna's pruner reads it: its finished trials, read once and then again
-    only after a trial of this worker ends or ``max_age`` seconds (other workers' trials).
+    only after ``max_age`` seconds (for other workers' trials); this worker's are added as
+    they end.
 
     The pruner reads them at every evaluation of every trial, and Optuna's cache then reads
     every running trial again from the storage: for a pack of K trials, K² trial reads per
@@ -169,6 +173,12 @@ class _FinishedTrials:
 
     def forget(self) -> None:
         self._trials = None
+
+    def add(self, trial: FrozenTrial) -> None:
+        """A trial this worker finished: seen at once, without reading the study again."""
+        if self._trials is not None and trial.state.is_finished():
+            others = [t for t in self._trials if t.number != trial.number]
+            self._trials = sorted([*others, trial], key=lambda t: t.number)
 
     def get_trials(
         self, deepcopy: bool = True, states: Container[TrialState] | None = None
@@ -301,6 +311,8 @@ class _StudyHooks:
                 seed += trial.number
             trial.set_user_attr("seed", seed)
             trial.set_user_attr("device", self.device)
+            # the config in the database before the trial trains: a dead worker's is run again
+            self.storage.flush()
             params = {**asdict(schedule), "seed": seed}
             # the row first: the run, created from the outbox's thread, is linked to it
             started = {"state": "RUNNING", **params, "device": self.device, "started_at": utcnow()}
@@ -336,7 +348,6 @@ class _StudyHooks:
     def on_trial_end(self, outcome: TrialOutcome) -> None:
         # The trial stays in ``live`` until Optuna has it, so abort() can still fail it.
         trial, run_id = self.live[outcome.key]
-        self.finished.forget()
         # the run was queued as the trial started; unless MLflow is away, it exists by now
         created = self.tracker.run_id(run_id, wait=RUN_WAIT_SECONDS)
         if created is not None and outcome.key not in self.linked:
@@ -357,6 +368,7 @@ class _StudyHooks:
             reason = outcome.reason or "failed"
             frozen = self._fail(trial, run_id, reason, step=outcome.steps, metrics=outcome.metrics)
         self.heartbeat.remove(trial._trial_id)
+        self.finished.add(frozen)
         del self.live[outcome.key]
         state = frozen.state.name
         self.counts[state] += 1
@@ -519,6 +531,7 @@ def run_study(
         heartbeat_interval=settings.heartbeat_interval,
         grace_period=settings.grace_period,
     )
+    storage.defer_trial_writes(delay=TRIAL_WRITE_DELAY)
     study = open_study_for(experiment, name=name, storage=storage, joining=joining)
 
     trials = study.get_trials(deepcopy=False)

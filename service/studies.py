@@ -25,9 +25,10 @@ from optuna.storages._rdb.storage import _create_scoped_session
 from optuna.trial import FrozenTrial, TrialState
 
 from service.db.engine import missing_file, safe_url, sqlite_file
+from service.deferred_writes import DIALECTS, DeferredWrites
 from service.errors import StudyError
 from service.experiment import KNOBS, NAME_PATTERN, Experiment, restore_experiment
-from service.retry import describe, retry_transient
+from service.retry import describe, is_transient, retry_transient, tried_once
 from service.search import make_pruner, make_sampler
 
 __all__ = [
@@ -72,6 +73,120 @@ class RetryingRDBStorage(optuna.storages.RDBStorage):
     Inside :func:`shared_reads`, reads of a study's trials share one query."""
 
     retry_seconds: float = 60.0
+    _deferred: DeferredWrites | None = None
+
+    def defer_trial_writes(self, *, delay: float = 0.5) -> None:
+        """From now on, hold the params, reports and user attributes of running trials and
+        write them together, in one transaction: before this storage's next other call (from
+        any thread, so every read and state change sees them), at :meth:`flush`, and at the
+        latest ``delay`` seconds after the first is held (from a timer's thread).
+
+        Optuna commits each of them alone: with a pack's trials reporting side by side, those
+        commits cost more than the training. What a process killed meanwhile held is lost; its
+        trials are failed and run again anyway. For dialects other than SQLite and PostgreSQL
+        this does nothing."""
+        if self.engine.dialect.name in DIALECTS:
+            self._deferred = DeferredWrites(delay=delay)
+
+    def flush(self) -> None:
+        """Write the held writes now (see :meth:`defer_trial_writes`)."""
+        deferred = self._deferred
+        if deferred is None:
+            return
+        with deferred.lock:
+            if not deferred:
+                return
+            pending = deferred.take()
+
+            def attempt() -> None:
+                with _create_scoped_session(self.scoped_session) as session:
+                    deferred.write(session, pending)
+
+            try:
+                retry_transient(
+                    attempt, seconds=self.retry_seconds, what="writing trials' params and reports"
+                )
+            except Exception as exc:
+                if not is_transient(exc):
+                    # not for the database being away: tried again, it would fail every call
+                    log.error("dropped the held writes of trial ids %s: %s", sorted(pending), exc)
+                    return
+                deferred.put_back(pending)  # the next call writes them, or a timer
+                self._start_timer(deferred)
+                raise
+            except BaseException:
+                deferred.put_back(pending)
+                raise
+
+    def _set_trial_param(
+        self,
+        trial_id: int,
+        param_name: str,
+        param_value_internal: float,
+        distribution: optuna.distributions.BaseDistribution,
+        previous_distribution: optuna.distributions.BaseDistribution | None,
+    ) -> None:
+        args = (trial_id, param_name, param_value_internal, distribution, previous_distribution)
+        if previous_distribution is None:
+            # the study's first value of a param is checked against the database's, at once
+            self._now("_set_trial_param", *args)
+        else:
+            self._hold_or_write(lambda held: held.hold_param(*args), "_set_trial_param", *args)
+
+    def set_trial_intermediate_value(
+        self, trial_id: int, step: int, intermediate_value: float
+    ) -> None:
+        self._hold_or_write(
+            lambda held: held.hold_value(trial_id, step, float(intermediate_value)),
+            "set_trial_intermediate_value",
+            trial_id,
+            step,
+            intermediate_value,
+        )
+
+    def set_trial_user_attr(self, trial_id: int, key: str, value: Any) -> None:
+        self._hold_or_write(
+            lambda held: held.hold_user_attr(trial_id, key, value),
+            "set_trial_user_attr",
+            trial_id,
+            key,
+            value,
+        )
+
+    def _hold_or_write(self, hold: Callable[[DeferredWrites], None], name: str, *args: Any) -> None:
+        """Hold a write when this storage defers them, else make it (Optuna's ``name``)."""
+        deferred = self._deferred
+        if deferred is None:
+            self._now(name, *args)
+            return
+        with deferred.lock:
+            self._flush_later(deferred)
+            hold(deferred)
+
+    def _flush_later(self, deferred: DeferredWrites) -> None:
+        """Before the first write is held: a timer writes it (and what joins it) by ``delay``."""
+        if not deferred:
+            self._start_timer(deferred)
+
+    def _start_timer(self, deferred: DeferredWrites) -> None:
+        timer = threading.Timer(deferred.delay, self._flush_in_background)
+        timer.daemon = True  # what a process exiting holds is lost, as when it is killed
+        timer.start()
+
+    def _flush_in_background(self) -> None:
+        try:
+            with tried_once():  # the database is away: the next timer or call tries again
+                self.flush()
+        except Exception as exc:
+            log.warning("could not write trials' params and reports yet: %s", describe(exc))
+
+    def _now(self, name: str, *args: Any) -> Any:
+        """Optuna's write ``name``, after what is held, tried again while the database is away."""
+        self.flush()
+        method = getattr(optuna.storages.RDBStorage, name)
+        return retry_transient(
+            lambda: method(self, *args), seconds=self.retry_seconds, what=f"Optuna {name}"
+        )
 
     def create_new_trial(self, study_id: int, template_trial: FrozenTrial | None = None) -> int:
         return self._create_new_trial(study_id, template_trial)._trial_id
@@ -164,7 +279,10 @@ class RetryingRDBStorage(optuna.storages.RDBStorage):
                 return False
             return True
 
-        return retry_transient(attempt, seconds=self.retry_seconds, what="Optuna set_trial_state")
+        done = retry_transient(attempt, seconds=self.retry_seconds, what="Optuna set_trial_state")
+        if done and state.is_finished() and self._deferred is not None:
+            self._deferred.finished(trial_id)  # a later write is refused, as Optuna's would be
+        return done
 
     @contextlib.contextmanager
     def claiming(
@@ -428,11 +546,29 @@ _STORAGE_CALLS = [name for name in _DATABASE_CALLS if name not in vars(RetryingR
 _WRITES = {"_set_trial_param"} | {
     name for name in _DATABASE_CALLS if name.startswith(("create_", "delete_", "set_"))
 }
+# held by a storage that defers them, and written before any other call
+_DEFERRED = {"_set_trial_param", "set_trial_intermediate_value", "set_trial_user_attr"}
+
+
+def _flushing(call: Callable[..., Any]) -> Callable[..., Any]:
+    """A call that talks to the database: what the storage holds is written first."""
+
+    @functools.wraps(call)
+    def flushed(self: RetryingRDBStorage, *args: Any, **kwargs: Any) -> Any:
+        if self._deferred is not None:
+            self.flush()
+        return call(self, *args, **kwargs)
+
+    return flushed
+
+
 for _name in _STORAGE_CALLS:
     setattr(RetryingRDBStorage, _name, _retrying(_name))
 for _name in sorted(_WRITES):
     setattr(RetryingRDBStorage, _name, _forgetting(getattr(RetryingRDBStorage, _name)))
 RetryingRDBStorage._get_trials = _sharing(RetryingRDBStorage._get_trials)  # type: ignore[method-assign]
+for _name in sorted({*_DATABASE_CALLS, "claimed_with"} - _DEFERRED):
+    setattr(RetryingRDBStorage, _name, _flushing(getattr(RetryingRDBStorage, _name)))
 
 
 def open_storage(

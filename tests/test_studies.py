@@ -268,6 +268,7 @@ class LostAnswers(RetryingRDBStorage):
         super().__init__(url)
         self.table, self.lose, self._armed = table, 0, False
         sqlalchemy.event.listen(self.scoped_session, "after_flush", self._wrote)
+        sqlalchemy.event.listen(self.engine, "before_cursor_execute", self._inserted)
         dialect = self.engine.dialect
         commit = dialect.do_commit
 
@@ -284,6 +285,11 @@ class LostAnswers(RetryingRDBStorage):
     def _wrote(self, session, _context) -> None:
         rows = (*session.new, *session.dirty)
         if self.lose and any(getattr(r, "__tablename__", "") == self.table for r in rows):
+            self._armed = True
+
+    def _inserted(self, _conn, _cursor, statement: str, *_args) -> None:
+        # a statement of the core, as the held writes' upserts are, rather than an ORM row
+        if self.lose and statement.lstrip().upper().startswith(f"INSERT INTO {self.table.upper()}"):
             self._armed = True
 
 

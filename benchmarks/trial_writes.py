@@ -1,0 +1,173 @@
+"""A trial's Optuna writes: each its own commit (Optuna's) or held and written together.
+
+`hpo run` makes about twenty small writes per trial in Optuna's storage: five params, two user
+attributes, a report per evaluation; Optuna commits each one alone. Here the Optuna side of a
+study of ``--trials`` trials runs as the runner drives it, without training: the digits
+experiment's knobs and sampler (seeded constant-liar TPE) and median pruner (through the
+runner's view of the finished trials), ``--pack`` trials open at a time, each reporting
+``--reports`` times, a new trial started (budget check, ask and suggestions sharing their
+reads) as soon as one ends. The same study runs with Optuna's writes and with the writes held
+(`RetryingRDBStorage.defer_trial_writes`, flushed after each start as the runner does), on
+fresh databases, alternately for ``--repeats``; prints the milliseconds of Optuna work per
+trial, the commits that wrote, and the ratio. Both must leave the same trials (checked).
+
+    .venv/bin/python benchmarks/trial_writes.py [--trials 256] [--pack 8] [--reports 10]
+        [--repeats 3] [--postgres postgresql+psycopg://USER@HOST/DB]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import platform
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import optuna
+import sqlalchemy
+from optuna.trial import TrialState
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from service.experiment import load_experiment  # noqa: E402
+from service.runner import _FinishedTrials  # noqa: E402
+from service.search import make_pruner, make_sampler, suggest_schedule  # noqa: E402
+from service.studies import open_storage, shared_reads  # noqa: E402
+
+
+class WriteCommits:
+    """Counts an engine's commits of transactions that wrote (Optuna's reads commit too)."""
+
+    def __init__(self, engine: sqlalchemy.Engine) -> None:
+        self.count, self._writing = 0, set()
+        sqlalchemy.event.listen(engine, "before_cursor_execute", self._executed)
+        sqlalchemy.event.listen(engine, "commit", self._committed)
+
+    def _executed(self, conn, _cursor, statement: str, *_args) -> None:
+        if statement.lstrip()[:6].upper() in ("INSERT", "UPDATE", "DELETE"):
+            self._writing.add(id(conn))
+
+    def _committed(self, conn) -> None:
+        if id(conn) in self._writing:
+            self._writing.discard(id(conn))
+            self.count += 1
+
+
+def study_run(url: str, args: argparse.Namespace, *, held: bool) -> tuple[float, int, list]:
+    experiment = load_experiment(ROOT / "experiments" / "digits.toml")
+    storage = open_storage(url)
+    if held:
+        storage.defer_trial_writes()
+    commits = WriteCommits(storage.engine)
+    study = optuna.create_study(
+        study_name="bench",
+        storage=storage,
+        sampler=make_sampler(experiment.search, experiment.knobs),
+        pruner=make_pruner(experiment.search),
+    )
+    finished = _FinishedTrials(study, max_age=5.0)  # the runner's poll, by default
+    open_trials: list = []
+    started = 0
+    begin = time.perf_counter()
+    while started < args.trials or open_trials:
+        while started < args.trials and len(open_trials) < args.pack:
+            with shared_reads(storage):
+                study.get_trials(deepcopy=False)  # the budget check
+                trial = study.ask()
+                schedule = suggest_schedule(trial, experiment.knobs)
+                trial.set_user_attr("seed", started)
+                trial.set_user_attr("device", "cpu")
+                storage.flush()
+            open_trials.append((trial, schedule, 0))
+            started += 1
+        # one trial reports per round, the pack's slots in turn, as their evaluations fall due
+        trial, schedule, reports = open_trials.pop(0)
+        reports += 1
+        value = abs(schedule.lr_base - 0.1) + (1 - schedule.ema_decay) + 1 / reports
+        trial.report(value, step=reports * 40)
+        if study.pruner.prune(finished, trial._get_latest_trial()):
+            frozen = study.tell(trial, state=TrialState.PRUNED)
+        elif reports == args.reports:
+            frozen = study.tell(trial, value)
+        else:
+            open_trials.append((trial, schedule, reports))
+            continue
+        finished.add(frozen)
+    seconds = time.perf_counter() - begin
+    trials = [
+        (t.number, t.state, t.value, t.params, t.intermediate_values, t.user_attrs)
+        for t in study.get_trials()
+    ]
+    storage.engine.dispose()
+    return seconds, commits.count, trials
+
+
+@contextlib.contextmanager
+def fresh_database(kind: str, tmp: Path, label: str, postgres: str | None) -> Iterator[str]:
+    if kind == "sqlite":
+        yield f"sqlite:///{tmp / label}.db"
+        return
+    assert postgres is not None
+    admin = sqlalchemy.create_engine(postgres, isolation_level="AUTOCOMMIT")
+    name = f"hpo_bench_{os.getpid()}_{label}"
+    with admin.connect() as conn:
+        conn.execute(sqlalchemy.text(f'CREATE DATABASE "{name}"'))
+    try:
+        yield sqlalchemy.make_url(postgres).set(database=name).render_as_string(False)
+    finally:
+        with admin.connect() as conn:
+            conn.execute(sqlalchemy.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--trials", type=int, default=256)
+    parser.add_argument("--pack", type=int, default=8)
+    parser.add_argument("--reports", type=int, default=10)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--postgres", help="a PostgreSQL URL whose user may create databases")
+    args = parser.parse_args()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    print(
+        f"{platform.processor() or platform.machine()}, {os.cpu_count()} cpus, optuna "
+        f"{optuna.__version__}, sqlalchemy {sqlalchemy.__version__}; {args.trials} trials, "
+        f"{args.pack} open at a time, {args.reports} reports each"
+    )
+    kinds = ["sqlite"] + (["postgresql"] if args.postgres else [])
+    with tempfile.TemporaryDirectory() as tmp:
+        for kind in kinds:
+            best: dict[bool, tuple[float, int]] = {}
+            for repeat in range(args.repeats):
+                runs = {}
+                for held in (False, True):
+                    label = f"{repeat}_{int(held)}"
+                    with fresh_database(kind, Path(tmp), label, args.postgres) as url:
+                        seconds, commits, trials = study_run(url, args, held=held)
+                    runs[held] = trials
+                    name = "held   " if held else "optuna's"
+                    print(
+                        f"  {kind:10} {name} writes: {seconds:6.2f} s "
+                        f"({1000 * seconds / args.trials:5.1f} ms a trial), {commits} commits",
+                        flush=True,
+                    )
+                    if held not in best or seconds < best[held][0]:
+                        best[held] = (seconds, commits)
+                if runs[False] != runs[True]:
+                    sys.exit(f"{kind}: the held writes left other trials than Optuna's")
+            (now, now_c), (later, later_c) = best[False], best[True]
+            print(
+                f"{kind}, best of {args.repeats}: Optuna's writes {now:.2f} s, held {later:.2f} s: "
+                f"{now / later:.2f}x; {1000 * (now - later) / args.trials:.1f} ms less a trial; "
+                f"commits {now_c} -> {later_c}; same trials: yes",
+                flush=True,
+            )
+
+
+if __name__ == "__main__":
+    main()
