@@ -50,6 +50,7 @@ class DeferredWrites:
         self.lock = threading.RLock()
         self._pending: dict[int, _TrialWrites] = {}
         self._finished: set[int] = set()  # trials found finished (or gone) by a write
+        self.timer: threading.Timer | None = None  # the storage's, to write them by ``delay``
 
     def __bool__(self) -> bool:
         return bool(self._pending)

@@ -97,26 +97,38 @@ class RetryingRDBStorage(optuna.storages.RDBStorage):
             if not deferred:
                 return
             pending = deferred.take()
-
-            def attempt() -> None:
-                with _create_scoped_session(self.scoped_session) as session:
-                    deferred.write(session, pending)
-
+            if deferred.timer is not None:  # nothing is left for it
+                deferred.timer.cancel()
+                deferred.timer = None
             try:
-                retry_transient(
-                    attempt, seconds=self.retry_seconds, what="writing trials' params and reports"
-                )
+                self._write_held(deferred, pending)
             except Exception as exc:
                 if not is_transient(exc):
-                    # not for the database being away: tried again, it would fail every call
-                    log.error("dropped the held writes of trial ids %s: %s", sorted(pending), exc)
+                    self._write_held_apart(deferred, pending)
                     return
-                deferred.put_back(pending)  # the next call writes them, or a timer
+                deferred.put_back(pending)  # the next call writes them, or the timer
                 self._start_timer(deferred)
                 raise
             except BaseException:
                 deferred.put_back(pending)
                 raise
+
+    def _write_held(self, deferred: DeferredWrites, pending: dict[int, Any]) -> None:
+        def attempt() -> None:
+            with _create_scoped_session(self.scoped_session) as session:
+                deferred.write(session, pending)
+
+        retry_transient(attempt, seconds=self.retry_seconds, what="writing trials' held writes")
+
+    def _write_held_apart(self, deferred: DeferredWrites, pending: dict[int, Any]) -> None:
+        """After a failure that is not the database being away (tried again together, it would
+        fail every call): each trial's writes in a transaction of their own, so that one bad
+        write costs its trial's batch alone, which is logged."""
+        for trial_id, writes in pending.items():
+            try:
+                self._write_held(deferred, {trial_id: writes})
+            except Exception as exc:
+                log.error("could not write the held writes of trial id %d: %s", trial_id, exc)
 
     def _set_trial_param(
         self,
@@ -166,11 +178,14 @@ class RetryingRDBStorage(optuna.storages.RDBStorage):
     def _flush_later(self, deferred: DeferredWrites) -> None:
         """Before the first write is held: a timer writes it (and what joins it) by ``delay``."""
         if not deferred:
+            if deferred.timer is not None:  # nothing is held for it
+                deferred.timer.cancel()
             self._start_timer(deferred)
 
     def _start_timer(self, deferred: DeferredWrites) -> None:
         timer = threading.Timer(deferred.delay, self._flush_in_background)
         timer.daemon = True  # what a process exiting holds is lost, as when it is killed
+        deferred.timer = timer
         timer.start()
 
     def _flush_in_background(self) -> None:
@@ -567,7 +582,8 @@ for _name in _STORAGE_CALLS:
 for _name in sorted(_WRITES):
     setattr(RetryingRDBStorage, _name, _forgetting(getattr(RetryingRDBStorage, _name)))
 RetryingRDBStorage._get_trials = _sharing(RetryingRDBStorage._get_trials)  # type: ignore[method-assign]
-for _name in sorted({*_DATABASE_CALLS, "claimed_with"} - _DEFERRED):
+# (Optuna's cache creates trials through _create_new_trial: an ask, an enqueue, a requeue)
+for _name in sorted({*_DATABASE_CALLS, "_create_new_trial", "claimed_with"} - _DEFERRED):
     setattr(RetryingRDBStorage, _name, _flushing(getattr(RetryingRDBStorage, _name)))
 
 

@@ -3,6 +3,8 @@ backend: the study ends as Optuna's own writes leave it, in far fewer commits.""
 
 from __future__ import annotations
 
+import logging
+import threading
 import time
 
 import optuna
@@ -109,6 +111,11 @@ def test_a_study_ends_as_with_optunas_own_writes_in_a_fraction_of_the_commits(st
     assert drive(later, "later") == expected
     # each trial: 3 params, 5 reports at most, 2 user attributes, each a commit when not held
     assert later_commits.count < now_commits.count / 2
+    # the timer of the last batch went with it (long timers would keep their storages)
+    deadline = time.monotonic() + 60
+    while any(isinstance(t, threading.Timer) for t in threading.enumerate()):
+        assert time.monotonic() < deadline, "a timer was left waiting"
+        time.sleep(0.05)
 
 
 def test_held_writes_wait_for_the_storages_next_call(storage_url):
@@ -182,16 +189,44 @@ def test_writes_of_a_trial_finished_elsewhere_are_dropped_and_later_ones_refused
         mine.set_trial_intermediate_value(told._trial_id, 1, 0.5)
 
 
-def test_held_writes_whose_commit_lost_its_answer_are_written_once(storage_url):
+def test_held_writes_whose_commit_lost_its_answer_are_written_once(storage_url, caplog):
     storage = held(LostAnswers(storage_url, table="trial_intermediate_values"))
     study = optuna.create_study(study_name="s", storage=storage)
     trial = study.ask()
     trial.report(0.5, 1)
     trial.report(0.25, 2)
     storage.lose = 1
-    storage.flush()
+    with caplog.at_level(logging.ERROR, logger="service.studies"):
+        storage.flush()
     assert storage.lose == 0, "the answer was lost"
+    assert not caplog.records, "the second try wrote over the first's rows without an error"
     assert study.get_trials()[0].intermediate_values == {1: 0.5, 2: 0.25}
+
+
+def test_a_write_the_database_refuses_costs_its_own_trial_alone(storage_url, caplog):
+    mine, theirs = held(open_storage(storage_url)), open_storage(storage_url)
+    study = optuna.create_study(study_name="s", storage=mine)
+    good, bad = study.ask(), study.ask()
+    good.report(0.5, 1)
+    bad.report(0.25, 2**70)  # no step column holds it; Optuna's own write raises at the report
+    with caplog.at_level(logging.ERROR, logger="service.studies"):
+        mine.flush()
+    assert theirs.get_trial(good._trial_id).intermediate_values == {1: 0.5}
+    assert theirs.get_trial(bad._trial_id).intermediate_values == {}
+    (error,) = caplog.records
+    assert f"trial id {bad._trial_id}:" in error.getMessage()
+    bad.report(0.125, 3)
+    study.tell(bad, state=TrialState.PRUNED)  # later writes are not held back by the bad one
+    assert theirs.get_trial(bad._trial_id).intermediate_values == {3: 0.125}
+
+
+def test_a_trial_created_after_held_writes_comes_after_them(storage_url):
+    mine, theirs = held(open_storage(storage_url)), open_storage(storage_url)
+    study = optuna.create_study(study_name="s", storage=mine)
+    trial = study.ask()
+    trial.report(0.5, 1)
+    study.enqueue_trial({})  # Optuna's cache creates it through _create_new_trial
+    assert [t.intermediate_values for t in theirs.get_all_trials(study._study_id)] == [{1: 0.5}, {}]
 
 
 def test_held_writes_that_could_not_be_written_are_kept_for_the_next_call(storage_url):
