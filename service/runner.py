@@ -33,13 +33,13 @@ from service.settings import Settings
 from service.studies import (
     ATTR_EXPERIMENT_NAME,
     ATTR_TARGET,
-    best_summary,
     check_study_name,
     launched_experiment,
     mark_launched,
     open_storage,
     open_study_for,
     shared_reads,
+    trial_summary,
 )
 from service.tracking import Backlog, Delivery, StudyTracker, connect
 from service.training import (
@@ -235,6 +235,7 @@ class _StudyHooks:
         self.log_curves = settings.log_curves
         self.finished = _FinishedTrials(study, max_age=self.poll)
         self.trial_ids: dict[int, int] = {}  # number -> Optuna's trial id, for on_run_created
+        self.run_refs: dict[int, str] = {}  # number -> its run, for the study's end
         self.linked: set[int] = set()  # trials whose run on_run_created recorded
 
     # -- the budget ------------------------------------------------------------------------------
@@ -327,6 +328,7 @@ class _StudyHooks:
                 raise StudyError(f"could not start trial {trial.number}: {exc}") from exc
             raise
         self.live[trial.number] = (trial, run_id)
+        self.run_refs[trial.number] = run_id
         return TrialSpec(key=trial.number, schedule=schedule, init_seed=seed, data_seed=seed)
 
     def on_curve(self, key, steps: np.ndarray, train_loss: np.ndarray, lr: np.ndarray) -> None:
@@ -348,8 +350,9 @@ class _StudyHooks:
     def on_trial_end(self, outcome: TrialOutcome) -> None:
         # The trial stays in ``live`` until Optuna has it, so abort() can still fail it.
         trial, run_id = self.live[outcome.key]
-        # the run was queued as the trial started; unless MLflow is away, it exists by now
-        created = self.tracker.run_id(run_id, wait=RUN_WAIT_SECONDS)
+        # The run was queued as the trial started. Not waited for: a trial that ends first (a
+        # quick one, or while requests for others are in flight) gets it from on_run_created.
+        created = self.tracker.run_id(run_id)
         if created is not None and outcome.key not in self.linked:
             trial.set_user_attr("mlflow_run_id", created)
         value = None
@@ -414,18 +417,14 @@ class _StudyHooks:
         return frozen
 
     def on_run_created(self, number: int, run_id: str) -> None:
-        """A trial's MLflow run was created (by the outbox, from its thread, as the trial
-        trains): record it on the trial while it runs, so that whoever fails the trial can end
-        the run, and on its row. If these writes fail, the run is found by its tag."""
+        """A trial's MLflow run was created (by the outbox, from its thread): record it on the
+        trial, so that whoever fails the trial can end the run, even when the trial has ended
+        meanwhile, and on its row. If these writes fail, the run is found by its tag."""
         trial_id = self.trial_ids.get(number)
         try:
             if trial_id is not None:  # without the storage's retries: they would hold the sender
-                optuna.storages.RDBStorage.set_trial_user_attr(
-                    self.storage, trial_id, "mlflow_run_id", run_id
-                )
+                self.storage.annotate_trial(trial_id, "mlflow_run_id", run_id)
                 self.linked.add(number)
-        except optuna.exceptions.UpdateFinishedTrialError:
-            pass  # it ended first (the server was away): the trial's end records the run
         except Exception as exc:
             log.warning("could not record the MLflow run of trial %d: %s", number, exc)
         try:
@@ -600,7 +599,7 @@ def run_study(
             mlflow_parent_run_id=parent,
         )
     except Exception as exc:
-        _finish(tracker, study, knobs, status="FAILED", grace=settings.tracking_grace)
+        _finish(tracker, study, storage, knobs, status="FAILED", grace=settings.tracking_grace)
         raise HPOError(f"the service database cannot be written: {exc}".splitlines()[0]) from exc
     if not joining:
         mark_launched(study, experiment)
@@ -660,7 +659,14 @@ def run_study(
         status = "KILLED" if interrupted else "FAILED"
         for cleanup in (
             lambda: _finish(
-                tracker, study, knobs, status=status, grace=settings.tracking_grace, drawer=drawer
+                tracker,
+                study,
+                storage,
+                knobs,
+                status=status,
+                grace=settings.tracking_grace,
+                drawer=drawer,
+                run_refs=hooks.run_refs,
             ),
             lambda: registry.finish_study(name, "interrupted" if interrupted else "failed"),
         ):
@@ -673,10 +679,12 @@ def run_study(
     report.delivery = _finish(
         tracker,
         study,
+        storage,
         knobs,
         status="FINISHED",
         grace=settings.tracking_grace,
         drawer=drawer,
+        run_refs=hooks.run_refs,
     )
     try:
         registry.finish_study(name, "finished")
@@ -687,7 +695,7 @@ def run_study(
     report.counts = dict(hooks.counts)
     report.trials_run = hooks.asked
     report.reaped = hooks.reaped
-    report.best = _best_or_none(study)
+    report.best = _best_or_none(study, storage)
     report.elapsed = time.monotonic() - started
     return report
 
@@ -786,11 +794,25 @@ def _pack_size(
     return choice.size, choice.reason
 
 
-def _best_or_none(study: optuna.Study) -> dict[str, Any] | None:
+def _best_or_none(
+    study: optuna.Study,
+    storage: optuna.storages.BaseStorage,
+    *,
+    tracker: StudyTracker | None = None,
+    run_refs: dict[int, str] | None = None,
+) -> dict[str, Any] | None:
+    """The best trial's summary, read afresh from ``storage`` (the study's cache may hold it
+    from before its MLflow run was recorded); with ``tracker``, a run not created yet is waited
+    for, once, as the study ends."""
     try:
-        return best_summary(study)
-    except StudyError:
+        best = storage.get_trial(study.best_trial._trial_id)
+    except ValueError:  # no trial completed
         return None
+    summary = trial_summary(study.study_name, best)
+    ref = (run_refs or {}).get(best.number)
+    if summary["mlflow_run_id"] is None and tracker is not None and ref is not None:
+        summary["mlflow_run_id"] = tracker.run_id(ref, wait=RUN_WAIT_SECONDS)
+    return summary
 
 
 def _plot_drawer(storage_url: str, name: str) -> PlotDrawer | None:
@@ -809,11 +831,13 @@ def _plot_drawer(storage_url: str, name: str) -> PlotDrawer | None:
 def _finish(
     tracker: StudyTracker,
     study: optuna.Study,
+    storage: optuna.storages.BaseStorage,
     knobs: dict[str, Knob],
     *,
     status: str,
     grace: float = 30.0,
     drawer: PlotDrawer | None = None,
+    run_refs: dict[int, str] | None = None,
 ) -> Delivery:
     """Close the study's parent run (with its plots when it finished) and deliver what the
     outbox holds; ``drawer``, if any, draws the plots and is closed either way."""
@@ -830,9 +854,8 @@ def _finish(
                     drawer=drawer,
                 )
             # uploaded before the folder goes
-            tracker.finish_study(
-                status=status, best=_best_or_none(study), counts=dict(counts), plots=files
-            )
+            best = _best_or_none(study, storage, tracker=tracker, run_refs=run_refs)
+            tracker.finish_study(status=status, best=best, counts=dict(counts), plots=files)
     finally:
         if drawer is not None:
             drawer.close()

@@ -175,6 +175,24 @@ class RetryingRDBStorage(optuna.storages.RDBStorage):
             self._flush_later(deferred)
             hold(deferred)
 
+    def annotate_trial(self, trial_id: int, key: str, value: Any) -> None:
+        """Set a user attribute of the trial whatever its state, in one try: a note made after
+        the fact (the MLflow run of a trial that ended before its run was created), which
+        Optuna's :meth:`set_trial_user_attr` refuses for a finished trial. Other dialects than
+        SQLite and PostgreSQL get Optuna's write, refusal included."""
+        insert = DIALECTS.get(self.engine.dialect.name)
+        if insert is None:
+            optuna.storages.RDBStorage.set_trial_user_attr(self, trial_id, key, value)
+            return
+        model = _models.TrialUserAttributeModel
+        statement = insert(model).values(trial_id=trial_id, key=key, value_json=json.dumps(value))
+        statement = statement.on_conflict_do_update(
+            index_elements=[model.trial_id, model.key],
+            set_={"value_json": statement.excluded.value_json},
+        )
+        with _create_scoped_session(self.scoped_session) as session:
+            session.execute(statement)
+
     def _flush_later(self, deferred: DeferredWrites) -> None:
         """Before the first write is held: a timer writes it (and what joins it) by ``delay``."""
         if not deferred:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import signal
 import socket
@@ -121,6 +122,12 @@ def test_study_against_mlflow_server(hpo, tmp_path, mlflow_server):
         "params": {name: study.best_trial.params[name] for name in KNOBS},
         "mlflow_run_id": study.best_trial.user_attrs["mlflow_run_id"],
     }
+    # Trials of 60 steps end before the outbox sends their runs' creates (they linger for
+    # company): runs recorded on their trials after the trials ended (above), and the study's
+    # summaries, made at its end, have the best trial's run.
+    saved = client.download_artifacts(parent.info.run_id, "best.json", str(tmp_path))
+    assert json.loads(Path(saved).read_text()) == best
+    assert best["mlflow_run_id"] in result.stdout
     # The query commands read Optuna's storage only: neither torch nor MLflow is loaded.
     for verb in (["best", "tiny", "--json"], ["status"]):
         traced = subprocess.run(
