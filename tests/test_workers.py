@@ -160,8 +160,10 @@ def check_study(c: Cluster, *, complete: int, steps: int = STEPS) -> list[optuna
     name = c.name
     trials = c.study().get_trials()
     states = Counter(t.state for t in trials)
-    assert states[TrialState.COMPLETE] == complete, states
-    assert states[TrialState.RUNNING] == states[TrialState.WAITING] == 0, states
+    # on failure, each trial's state and system attributes (create key, retries) and the logs
+    seen = "\n".join(f"{t.number} {t.state.name} {t.system_attrs}" for t in trials)
+    assert states[TrialState.COMPLETE] == complete, f"{states}\n{seen}\n{c.logs()}"
+    assert states[TrialState.RUNNING] == states[TrialState.WAITING] == 0, f"{states}\n{seen}"
     done = [t for t in trials if t.state == TrialState.COMPLETE]
     configs = {
         tuple(sorted(t.params.items())) for t in done if "failed_trial" not in t.system_attrs
