@@ -13,14 +13,12 @@ import optuna
 import sqlalchemy
 from optuna import distributions
 from optuna.storages._rdb import models as _models  # Optuna's tables, written as Optuna does
-from sqlalchemy.dialects import postgresql, sqlite
 
-__all__ = ["DIALECTS", "DeferredWrites"]
+from service.db.engine import UPSERTS
+
+__all__ = ["DeferredWrites", "upsert"]
 
 log = logging.getLogger(__name__)
-
-# the dialects whose upserts write a batch in one statement per table
-DIALECTS = {"sqlite": sqlite.insert, "postgresql": postgresql.insert}
 
 
 @dataclass
@@ -118,7 +116,6 @@ class DeferredWrites:
                 self._finished.add(trial_id)
             else:
                 live[trial_id] = writes
-        insert = DIALECTS[session.get_bind().dialect.name]
         value_model = _models.TrialIntermediateValueModel
         values = []
         for trial_id, writes in live.items():
@@ -148,14 +145,22 @@ class DeferredWrites:
             for key, value in writes.user_attrs.items()
         ]
         # upserts: a try after one whose answer was lost writes the same rows again
-        for model, rows, keys in (
-            (_models.TrialParamModel, params, ("trial_id", "param_name")),
-            (value_model, values, ("trial_id", "step")),
-            (_models.TrialUserAttributeModel, attrs, ("trial_id", "key")),
-        ):
-            if rows:
-                statement = insert(model)
-                changed = {c: statement.excluded[c] for c in rows[0] if c not in keys}
-                session.execute(
-                    statement.on_conflict_do_update(index_elements=list(keys), set_=changed), rows
-                )
+        upsert(session, _models.TrialParamModel, params, keys=("trial_id", "param_name"))
+        upsert(session, value_model, values, keys=("trial_id", "step"))
+        upsert(session, _models.TrialUserAttributeModel, attrs, keys=("trial_id", "key"))
+
+
+def upsert(
+    session: sqlalchemy.orm.Session,
+    model: type,
+    rows: list[dict[str, Any]],
+    *,
+    keys: tuple[str, ...],
+) -> None:
+    """Insert ``rows`` of ``model`` in one statement; a row whose ``keys`` exist updates it.
+    For the dialects of :data:`~service.db.engine.UPSERTS`."""
+    if not rows:
+        return
+    statement = UPSERTS[session.get_bind().dialect.name](model)
+    changed = {c: statement.excluded[c] for c in rows[0] if c not in keys}
+    session.execute(statement.on_conflict_do_update(index_elements=list(keys), set_=changed), rows)

@@ -13,10 +13,8 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 from sqlalchemy import Engine, delete, select, text, update
-from sqlalchemy.dialects.postgresql import insert as postgresql_insert
-from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
-from service.db.engine import make_sessionmaker
+from service.db.engine import UPSERTS, make_sessionmaker
 from service.db.models import FINAL_METRICS, StudyRow, TrialRow
 from service.errors import StudyError
 from service.experiment import KNOBS
@@ -30,9 +28,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-
-
-_UPSERTS = {"postgresql": postgresql_insert, "sqlite": sqlite_insert}
 
 
 def utcnow() -> datetime:
@@ -148,7 +143,7 @@ class Registry:
         if not rows:
             return 0
         now = utcnow()
-        dialect_insert = _UPSERTS[self.engine.dialect.name]
+        dialect_insert = UPSERTS[self.engine.dialect.name]
         values = [{"study_id": study_id, "number": n, **f, "updated_at": now} for n, f in rows]
         with self.sessions.begin() as session:
             for batch in _same_keys(values):

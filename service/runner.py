@@ -69,7 +69,8 @@ __all__ = [
 
 # a row write waits this long for a restarting database; longer, and `hpo sync` repairs it
 ROW_RETRY_SECONDS = 5.0
-# a trial that ends waits this long for its MLflow run to be created, while the server answers
+# the study's end waits this long for its best trial's MLflow run to be created, while the
+# server answers (a trial's own end does not wait: its run is recorded when it is created)
 RUN_WAIT_SECONDS = 10.0
 # Optuna's storage gets a running trial's reports this late at most: held, a pack's reports
 # go in one commit instead of one each

@@ -24,8 +24,8 @@ from optuna.storages._rdb import models as _models  # Optuna's tables, for the t
 from optuna.storages._rdb.storage import _create_scoped_session
 from optuna.trial import FrozenTrial, TrialState
 
-from service.db.engine import missing_file, safe_url, sqlite_file
-from service.deferred_writes import DIALECTS, DeferredWrites
+from service.db.engine import UPSERTS, missing_file, safe_url, sqlite_file
+from service.deferred_writes import DeferredWrites, upsert
 from service.errors import StudyError
 from service.experiment import KNOBS, NAME_PATTERN, Experiment, restore_experiment
 from service.retry import describe, is_transient, retry_transient, tried_once
@@ -85,7 +85,7 @@ class RetryingRDBStorage(optuna.storages.RDBStorage):
         commits cost more than the training. What a process killed meanwhile held is lost; its
         trials are failed and run again anyway. For dialects other than SQLite and PostgreSQL
         this does nothing."""
-        if self.engine.dialect.name in DIALECTS:
+        if self.engine.dialect.name in UPSERTS:
             self._deferred = DeferredWrites(delay=delay)
 
     def flush(self) -> None:
@@ -180,18 +180,12 @@ class RetryingRDBStorage(optuna.storages.RDBStorage):
         the fact (the MLflow run of a trial that ended before its run was created), which
         Optuna's :meth:`set_trial_user_attr` refuses for a finished trial. Other dialects than
         SQLite and PostgreSQL get Optuna's write, refusal included."""
-        insert = DIALECTS.get(self.engine.dialect.name)
-        if insert is None:
+        if self.engine.dialect.name not in UPSERTS:
             optuna.storages.RDBStorage.set_trial_user_attr(self, trial_id, key, value)
             return
-        model = _models.TrialUserAttributeModel
-        statement = insert(model).values(trial_id=trial_id, key=key, value_json=json.dumps(value))
-        statement = statement.on_conflict_do_update(
-            index_elements=[model.trial_id, model.key],
-            set_={"value_json": statement.excluded.value_json},
-        )
+        row = {"trial_id": trial_id, "key": key, "value_json": json.dumps(value)}
         with _create_scoped_session(self.scoped_session) as session:
-            session.execute(statement)
+            upsert(session, _models.TrialUserAttributeModel, [row], keys=("trial_id", "key"))
 
     def _flush_later(self, deferred: DeferredWrites) -> None:
         """Before the first write is held: a timer writes it (and what joins it) by ``delay``."""

@@ -6,10 +6,12 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import URL, Engine, create_engine, event, make_url
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import ArgumentError
 from sqlalchemy.orm import Session, sessionmaker
 
 __all__ = [
+    "UPSERTS",
     "in_memory",
     "make_engine",
     "make_sessionmaker",
@@ -17,6 +19,10 @@ __all__ = [
     "safe_url",
     "sqlite_file",
 ]
+
+
+# the dialects whose INSERT takes ON CONFLICT DO UPDATE (an upsert), by name
+UPSERTS = {"postgresql": postgresql.insert, "sqlite": sqlite.insert}
 
 
 def safe_url(url: str) -> str:
