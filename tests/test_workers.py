@@ -61,6 +61,9 @@ class Cluster:
     tracking: str
     name: str = field(default_factory=lambda: f"workers-{uuid.uuid4().hex[:8]}")
     procs: list[subprocess.Popen] = field(default_factory=list)
+    # one storage for the test's reads: a storage per read (a URL to load_study) keeps its
+    # pooled connection until garbage collection, and polling ran PostgreSQL out of clients
+    reader: optuna.storages.RDBStorage | None = field(default=None, repr=False)
 
     def env(self, name: str, **extra: str) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith(("HPO_", "MLFLOW_"))}
@@ -121,7 +124,11 @@ class Cluster:
         assert result.returncode == 0, result.stderr
 
     def study(self) -> optuna.Study:
-        return optuna.load_study(study_name=self.name, storage=self.storage)
+        if self.reader is None:
+            # pre-ping: a test restarts PostgreSQL under it
+            kwargs = {"pool_pre_ping": True}
+            self.reader = optuna.storages.RDBStorage(self.storage, engine_kwargs=kwargs)
+        return optuna.load_study(study_name=self.name, storage=self.reader)
 
 
 @pytest.fixture
@@ -137,6 +144,8 @@ def cluster(tmp_path, mlflow_server) -> Iterator[Cluster]:
                 if proc.poll() is None:
                     proc.kill()
                     proc.wait()
+            if c.reader is not None:
+                c.reader.engine.dispose()
 
 
 def running_trial(c: Cluster, *, timeout: float = 120) -> optuna.trial.FrozenTrial:
