@@ -57,7 +57,15 @@ from service.training.packing import (
     choose_cpu_threads,
     choose_pack_size,
 )
-from service.workers import Heartbeat, claim_trial, claimed, has_room, requeue, stale_trials
+from service.workers import (
+    Heartbeat,
+    claim_trial,
+    claimed,
+    has_room,
+    requeue,
+    stale_trials,
+    tell_unless_finished,
+)
 
 __all__ = [
     "Progress",
@@ -75,6 +83,9 @@ RUN_WAIT_SECONDS = 10.0
 # Optuna's storage gets a running trial's reports this late at most: held, a pack's reports
 # go in one commit instead of one each
 TRIAL_WRITE_DELAY = 0.5
+# a worker started beside its databases (a cluster coming up, a database restarting) waits
+# this long for them; `hpo run`, whose user is there, is told at once
+WORKER_DATABASE_WAIT = 60.0
 
 log = logging.getLogger(__name__)
 
@@ -257,7 +268,9 @@ class _StudyHooks:
         if not force and time.monotonic() - self.last_reap < self.poll:
             return
         self.last_reap = time.monotonic()
-        for trial in stale_trials(self.study, self.storage):
+        # this worker's own trials are alive, however late their beats (the database was away)
+        alive = {trial._trial_id for trial, _ in self.live.values()}
+        for trial in stale_trials(self.storage, self.study._study_id, alive=alive):
             reason = "its worker stopped sending heartbeats"
             log.warning("trial %d failed: %s; queued again", trial.number, reason)
             self.reaped += 1
@@ -389,7 +402,7 @@ class _StudyHooks:
     def _tell(self, trial: optuna.Trial, **outcome: Any) -> FrozenTrial:
         """Tell Optuna; a trial already failed by another worker (its heartbeats were late)
         stays as that worker left it, and its retry is trained elsewhere."""
-        frozen = self.study.tell(trial, skip_if_finished=True, **outcome)
+        frozen = tell_unless_finished(self.study, trial, **outcome)
         wanted = outcome.get("state", TrialState.COMPLETE)
         if frozen.state != wanted:
             log.warning(
@@ -524,12 +537,14 @@ def run_study(
     )
 
     settings.ensure_home()
-    registry = Registry(open_database(settings))
+    wait = WORKER_DATABASE_WAIT if joining else 0.0
+    registry = Registry(open_database(settings, wait_seconds=wait))
     client = connect(settings.tracking)
     storage = open_storage(
         settings.storage_url,
         heartbeat_interval=settings.heartbeat_interval,
         grace_period=settings.grace_period,
+        wait_seconds=wait,
     )
     storage.defer_trial_writes(delay=TRIAL_WRITE_DELAY)
     study = open_study_for(experiment, name=name, storage=storage, joining=joining)
@@ -739,7 +754,7 @@ def _launched(
     try:
         while True:
             if storage is None and not missing_file(settings.storage_url):
-                storage = open_storage(settings.storage_url)
+                storage = open_storage(settings.storage_url, wait_seconds=WORKER_DATABASE_WAIT)
             if storage is not None and (found := launched_experiment(name, storage)):
                 return found
             if not wait:

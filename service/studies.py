@@ -605,24 +605,33 @@ def open_storage(
     heartbeat_interval: int | None = None,
     grace_period: int | None = None,
     retry_seconds: float = 60.0,
+    wait_seconds: float = 0.0,
 ) -> RetryingRDBStorage:
     """Optuna's RDB storage at ``url``; connections are checked before use (``pool_pre_ping``)
     and calls are retried while the database is briefly away. With ``heartbeat_interval``,
-    running trials carry heartbeats and those of a dead worker can be found and failed."""
+    running trials carry heartbeats and those of a dead worker can be found and failed. A
+    database that is away (refusing connections, restarting) is waited for ``wait_seconds``
+    (a worker started beside it); by default it is an error at once (a mistyped URL)."""
     engine_kwargs: dict[str, Any] = {}
     if not url.startswith("sqlite"):
         engine_kwargs["pool_pre_ping"] = True
+
+    def connect() -> RetryingRDBStorage:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return RetryingRDBStorage(
+                url,
+                engine_kwargs=engine_kwargs,
+                heartbeat_interval=heartbeat_interval,
+                grace_period=grace_period,
+            )
+
     try:
         for attempt in range(1, 4):
             try:
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-                    storage = RetryingRDBStorage(
-                        url,
-                        engine_kwargs=engine_kwargs,
-                        heartbeat_interval=heartbeat_interval,
-                        grace_period=grace_period,
-                    )
+                storage = retry_transient(
+                    connect, seconds=wait_seconds, what=f"opening {safe_url(url)}"
+                )
                 break
             except sqlalchemy.exc.DBAPIError as exc:
                 # Processes that open a new database at once (workers started together) race

@@ -4,13 +4,16 @@ does)."""
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import fcntl
 import logging
 import secrets
 import threading
 import warnings
-from collections.abc import Iterable, Iterator
+from collections.abc import Container, Iterable, Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import optuna
 import sqlalchemy
@@ -30,6 +33,7 @@ __all__ = [
     "requeue",
     "stale_trials",
     "study_lock",
+    "tell_unless_finished",
 ]
 
 log = logging.getLogger(__name__)
@@ -131,16 +135,32 @@ def requeue(study: optuna.Study, trial: FrozenTrial) -> bool:
     return True
 
 
-def stale_trials(study: optuna.Study, storage: optuna.storages.RDBStorage) -> list[FrozenTrial]:
-    """Fail the running trials whose heartbeat stopped (their worker died) and return them;
-    another worker that gets there first takes them instead."""
-    failed: list[FrozenTrial] = []
-    storage.heartbeat_stale_trial_callback = lambda _study, trial: failed.append(trial)
-    try:
-        optuna.storages.fail_stale_trials(study)
-    finally:
-        storage.heartbeat_stale_trial_callback = None
+def stale_trials(
+    storage: optuna.storages.RDBStorage, study_id: int, *, alive: Container[int] = ()
+) -> list[FrozenTrial]:
+    """Fail the running trials whose heartbeat stopped (their worker died) and return them, as
+    Optuna's ``fail_stale_trials`` does, except the trials in ``alive``: this worker's own,
+    whose beats were late because the database was away, not because it died. Another worker
+    that gets to a trial first fails it instead."""
+    if storage.get_heartbeat_interval() is None:
+        return []
+    failed = []
+    for trial_id in storage._get_stale_trial_ids(study_id):
+        if trial_id in alive:
+            continue
+        with contextlib.suppress(optuna.exceptions.UpdateFinishedTrialError):
+            if storage.set_trial_state_values(trial_id, state=TrialState.FAIL):
+                failed.append(storage.get_trial(trial_id))
     return failed
+
+
+def tell_unless_finished(study: optuna.Study, trial: optuna.Trial, **outcome: Any) -> FrozenTrial:
+    """Optuna's tell; a trial that another worker failed meanwhile (its heartbeats were late),
+    before the tell or while it ran, stays as that worker left it. Returns the stored trial."""
+    try:
+        return study.tell(trial, skip_if_finished=True, **outcome)
+    except optuna.exceptions.UpdateFinishedTrialError:  # failed between tell's read and write
+        return copy.deepcopy(study._storage.get_trial(trial._trial_id))
 
 
 @contextmanager

@@ -16,7 +16,15 @@ from optuna.trial import TrialState
 from service.retry import is_transient, retry_transient
 from service.studies import open_storage
 from service.tracking import Outbox, _Op, deliver_outbox
-from service.workers import MAX_RETRIES, claimed, is_retry, requeue, study_lock
+from service.workers import (
+    MAX_RETRIES,
+    claimed,
+    is_retry,
+    requeue,
+    stale_trials,
+    study_lock,
+    tell_unless_finished,
+)
 
 
 def test_requeue_keeps_the_config_and_grid_point_not_the_run(storage_url):
@@ -68,6 +76,57 @@ def test_the_study_lock_is_held_by_one_at_a_time(storage_url):
     assert order == ["first out", "second in"]
     with study_lock(storage, "other"):  # another study's lock is another lock
         pass
+
+
+@pytest.mark.filterwarnings("ignore:Heartbeat of storage:UserWarning")  # workers beat themselves
+def test_a_worker_fails_stale_trials_but_not_its_own(storage_url):
+    """After the database was away, every trial's beats are late: a worker fails the others'
+    (their workers may be gone) and keeps training its own, as Optuna's fail_stale_trials
+    would not."""
+    storage = open_storage(storage_url, heartbeat_interval=1, grace_period=1)
+    study = optuna.create_study(study_name="s", storage=storage)
+    mine, theirs = study.ask(), study.ask()
+    for trial in (mine, theirs):
+        storage.record_heartbeat(trial._trial_id)
+    time.sleep(2.5)  # past the grace
+
+    failed = stale_trials(storage, study._study_id, alive={mine._trial_id})
+    assert [t.number for t in failed] == [theirs.number]
+    assert failed[0].state == TrialState.FAIL
+    assert study.trials[mine.number].state == TrialState.RUNNING
+    # without it, this worker's trial would go too (and another worker's view is that)
+    assert [t.number for t in stale_trials(storage, study._study_id)] == [mine.number]
+    assert stale_trials(storage, study._study_id) == [], "each is failed once"
+
+
+class _FailedByAnotherWorker(optuna.samplers.RandomSampler):
+    """Another worker fails the trial (its beats were late) while Optuna's tell runs: between
+    tell's read of the trial and its write, where the sampler's after_trial runs."""
+
+    def __init__(self, other: optuna.storages.BaseStorage) -> None:
+        super().__init__(seed=0)
+        self.other = other
+
+    def after_trial(self, study, trial, state, values) -> None:
+        self.other.set_trial_state_values(trial._trial_id, TrialState.FAIL)
+
+
+def test_a_tell_that_races_another_workers_fail_keeps_its_fail(storage_url):
+    other = open_storage(storage_url)
+    study = optuna.create_study(
+        study_name="s", storage=open_storage(storage_url), sampler=_FailedByAnotherWorker(other)
+    )
+    trial = study.ask()
+    with pytest.raises(optuna.exceptions.UpdateFinishedTrialError):  # Optuna's own tell
+        study.tell(trial, 1.0, skip_if_finished=True)
+    trial = study.ask()
+    told = tell_unless_finished(study, trial, values=1.0)
+    assert told.state == TrialState.FAIL and told.value is None
+    assert study.trials[trial.number].state == TrialState.FAIL
+    # and one failed before the tell is skipped, as Optuna's skip_if_finished does
+    trial = study.ask()
+    other.set_trial_state_values(trial._trial_id, TrialState.FAIL)
+    assert tell_unless_finished(study, trial, values=1.0).state == TrialState.FAIL
 
 
 def test_a_refused_connection_is_transient_and_a_bad_statement_is_not(tmp_path):

@@ -312,10 +312,11 @@ def test_tracking_server_outages_lose_and_duplicate_nothing(cluster, tmp_path):
         stop_server(server)
 
 
-def _restart_postgres() -> None:
+def _postgres(action: str) -> None:
     version = sorted(os.listdir("/etc/postgresql"))[0]
+    command = ["pg_ctlcluster", "--skip-systemctl-redirect", version, "main", action]
     subprocess.run(
-        ["pg_ctlcluster", "--skip-systemctl-redirect", version, "main", "restart", "-m", "fast"],
+        [*command, *(["-m", "fast"] if action == "stop" else [])],
         check=True,
         capture_output=True,
         timeout=120,
@@ -327,7 +328,8 @@ def _restart_postgres() -> None:
     reason="restarting PostgreSQL needs this machine's cluster (pg_ctlcluster, as root)",
 )
 def test_a_postgres_restart_costs_a_retry_not_the_study(cluster, tmp_path):
-    """All three stores on PostgreSQL (MLflow's too), restarted while two workers train."""
+    """All three stores on PostgreSQL (MLflow's too), stopped while a worker trains and
+    started again a few seconds later; a second worker is started while it is down."""
     with fresh_postgres_database() as mlflow_db:
         port = free_port()
         with (tmp_path / "mlflow.log").open("w") as log:
@@ -336,11 +338,21 @@ def test_a_postgres_restart_costs_a_retry_not_the_study(cluster, tmp_path):
             cluster.tracking = f"http://127.0.0.1:{port}"
             wait_for_http(f"{cluster.tracking}/health", process=server)
             cluster.launch(experiment(steps=1500, trials=6, pack=2))
-            workers = [cluster.start(f"w{i}", "worker", cluster.name) for i in range(2)]
+            workers = [cluster.start("w0", "worker", cluster.name)]
             running_trial(cluster)
-            _restart_postgres()
+            try:
+                _postgres("stop")
+                # it waits for the databases instead of failing at once
+                workers.append(cluster.start("w1", "worker", cluster.name))
+                deadline = time.monotonic() + 120
+                while "retrying" not in cluster.log("w1") and time.monotonic() < deadline:
+                    assert workers[1].poll() is None, cluster.log("w1")
+                    time.sleep(0.2)
+            finally:
+                _postgres("start")
             for i, proc in enumerate(workers):
                 assert proc.wait(timeout=300) == 0, cluster.log(f"w{i}")
+            assert "retrying" in cluster.log("w1"), "w1 started while the database was down"
             check_study(cluster, complete=6, steps=1500)
         finally:
             stop_server(server)

@@ -19,7 +19,7 @@ from sqlalchemy import Engine
 
 from service.db.engine import make_engine, missing_file, safe_url
 from service.errors import HPOError
-from service.retry import describe
+from service.retry import describe, retry_transient
 from service.settings import Settings
 
 __all__ = [
@@ -113,14 +113,20 @@ def check_revision(url: str, revision: str) -> None:
         raise HPOError(f"revision {revision!r}: unknown; allowed: {known}") from None
 
 
-def open_database(settings: Settings) -> Engine:
+def open_database(settings: Settings, *, wait_seconds: float = 0.0) -> Engine:
     """An engine on the service's database, checked to be at the schema this code needs: the
-    embedded default is upgraded in place, any other database is refused when behind."""
+    embedded default is upgraded in place, any other database is refused when behind. A
+    database that is away (refusing connections, restarting) is waited for ``wait_seconds``;
+    by default it is an error at once."""
     settings.ensure_home()
     url = settings.database_url
     engine = make_engine(url)
     with _reaching(url):
-        ensure_schema(engine, auto_upgrade=settings.db_url is None)
+        retry_transient(
+            lambda: ensure_schema(engine, auto_upgrade=settings.db_url is None),
+            seconds=wait_seconds,
+            what=f"opening {safe_url(url)}",
+        )
     return engine
 
 
