@@ -266,9 +266,11 @@ def _train(start: Any, settings: Any) -> None:
         transient=False,
     )
     task = None
+    planned = 0
 
     def started(report) -> None:
-        nonlocal task
+        nonlocal task, planned
+        planned = report.trials_run
         threads = f" ({report.threads_reason})" if report.threads_reason else ""
         console.print(
             f"study [bold]{report.study_name}[/]: up to {report.trials_run} trials here on "
@@ -280,7 +282,9 @@ def _train(start: Any, settings: Any) -> None:
 
     def progressed(p) -> None:
         best = f"{p.best_value:.5g}" if p.best_value is not None else "-"
-        bar.update(task, completed=p.done, best=best)
+        # a dead worker's trial, queued again meanwhile, adds one to what this worker runs
+        total = max(planned, p.done) if planned else None
+        bar.update(task, completed=p.done, total=total, best=best)
 
     stopper = _Stopper()
     previous = {s: signal.signal(s, stopper.handle) for s in (signal.SIGINT, signal.SIGTERM)}

@@ -5,6 +5,7 @@ a tracking server that goes away, a database that restarts."""
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -238,6 +239,9 @@ def test_a_killed_worker_trial_is_failed_and_retried(cluster):
     result = cluster.hpo("survivor", "worker", cluster.name)
     assert result.returncode == 0, result.stderr
     assert "stopped workers were failed and queued again" in result.stdout
+    # the progress bar's total grew with the retry it ran
+    shown = [(int(d), int(t)) for d, t in re.findall(r"(\d+)/(\d+) trials", result.stdout)]
+    assert shown and all(done <= total for done, total in shown), shown
     trials = check_study(cluster, complete=3, steps=3000)
     failed = cluster.study().trials[victim.number]
     assert failed.state == TrialState.FAIL
