@@ -11,7 +11,7 @@ from typing import TypeVar
 
 import sqlalchemy.exc
 
-__all__ = ["describe", "is_transient", "retry_transient", "tried_once"]
+__all__ = ["describe", "is_away", "is_transient", "retry_transient", "tried_once"]
 
 log = logging.getLogger(__name__)
 
@@ -34,9 +34,27 @@ def is_transient(exc: BaseException) -> bool:
     return False
 
 
-def retry_transient(fn: Callable[[], T], *, seconds: float, what: str = "database call") -> T:
-    """Call ``fn``; while it fails for a transient reason, call it again with backoff, for at
-    most ``seconds``. Any other error, or the last transient one, is raised as it is."""
+# what a server says that waiting does not change: a refused login, a missing database, a race
+# to create tables (whose caller tries again itself)
+_LASTING = ("authentication failed", "does not exist", "pg_hba.conf", "already exists")
+
+
+def is_away(exc: BaseException) -> bool:
+    """Whether ``exc`` says the database is away (down, restarting, unreachable), as opposed
+    to a transient error that waiting does not cure (a wrong password, a missing database)."""
+    return is_transient(exc) and not any(word in describe(exc) for word in _LASTING)
+
+
+def retry_transient(
+    fn: Callable[[], T],
+    *,
+    seconds: float,
+    what: str = "database call",
+    transient: Callable[[BaseException], bool] = is_transient,
+) -> T:
+    """Call ``fn``; while it fails for a reason ``transient`` accepts, call it again with
+    backoff, for at most ``seconds``. Any other error, or the last transient one, is raised
+    as it is."""
     if getattr(_local, "once", 0):
         return fn()
     deadline = time.monotonic() + seconds
@@ -45,7 +63,7 @@ def retry_transient(fn: Callable[[], T], *, seconds: float, what: str = "databas
         try:
             return fn()
         except Exception as exc:
-            if not is_transient(exc) or time.monotonic() + delay > deadline:
+            if not transient(exc) or time.monotonic() + delay > deadline:
                 raise
             log.warning("%s failed (%s); retrying in %.1fs", what, describe(exc), delay)
         time.sleep(delay)

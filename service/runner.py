@@ -70,6 +70,7 @@ from service.workers import (
 __all__ = [
     "Progress",
     "StudyReport",
+    "TrialRows",
     "join_study",
     "network_shape",
     "run_study",
@@ -205,6 +206,54 @@ class _FinishedTrials:
         return copy.deepcopy(trials) if deepcopy else trials
 
 
+class TrialRows:
+    """The study's trial rows in the service database, as trials start and end. A write that
+    fails (the database is away) is kept, merged with the trial's later ones, and goes with
+    the next of them or at the study's end (:meth:`rewrite`). After a few failures in a row
+    the database is taken to be gone, and training stops waiting on it."""
+
+    def __init__(self, registry: Registry, study_id: int) -> None:
+        self.registry, self.study_id = registry, study_id
+        self.unwritten: dict[int, dict[str, Any]] = {}  # number -> the fields not written
+        self.failures_in_a_row = 0
+
+    def write(self, number: int, fields: dict[str, Any]) -> None:
+        fields = {**self.unwritten.pop(number, {}), **fields}
+        if self.failures_in_a_row >= 3:
+            self.unwritten[number] = fields
+            return
+        try:
+            retry_transient(
+                lambda: self.registry.record_trial(self.study_id, number, fields),
+                seconds=ROW_RETRY_SECONDS,
+                what=f"writing the row of trial {number}",
+            )
+        except Exception as exc:
+            self.unwritten[number] = fields
+            self.failures_in_a_row += 1
+            log.warning("could not write the row of trial %d: %s", number, exc)
+        else:
+            self.failures_in_a_row = 0
+
+    def rewrite(self) -> int:
+        """Write the rows whose writes failed, together, once more; returns how many are still
+        unwritten, for `hpo sync` to repair."""
+        if self.unwritten:
+            rows = list(self.unwritten.items())
+            try:
+                retry_transient(
+                    lambda: self.registry.record_trials(self.study_id, rows),
+                    seconds=ROW_RETRY_SECONDS,
+                    what="writing the trial rows that failed",
+                )
+            except Exception as exc:
+                log.warning("could not write %d trial row(s): %s", len(rows), exc)
+            else:
+                log.warning("wrote the %d trial row(s) that had failed", len(rows))
+                self.unwritten.clear()
+        return len(self.unwritten)
+
+
 class _StudyHooks:
     """Connects the trainer to Optuna (ask, report, prune, tell) and to MLflow (runs, curves).
 
@@ -234,8 +283,8 @@ class _StudyHooks:
         self.heartbeat = Heartbeat(storage, settings.heartbeat_interval)
         self.poll = min(max(settings.heartbeat_interval / 2, 0.2), 5.0)
         self.last_reap = -math.inf
-        self.row_failures = 0
-        self.consecutive_row_failures = 0
+        self.row_failures = 0  # rows left unwritten at the study's end
+        self.rows = TrialRows(registry, study_id)
         self.asked = 0
         self.reaped = 0
         self.live: dict[int, tuple[optuna.Trial, str]] = {}
@@ -447,24 +496,7 @@ class _StudyHooks:
             log.warning("could not record the MLflow run of trial %d: %s", number, exc)
 
     def _row(self, number: int, fields: dict[str, Any]) -> None:
-        """Write the trial's row; a failed write is counted, not fatal: `hpo sync` repairs it.
-        After a few failures in a row the database is taken to be gone, and training stops
-        waiting on it."""
-        if self.consecutive_row_failures >= 3:
-            self.row_failures += 1
-            return
-        try:
-            retry_transient(
-                lambda: self.registry.record_trial(self.study_id, number, fields),
-                seconds=ROW_RETRY_SECONDS,
-                what=f"writing the row of trial {number}",
-            )
-        except Exception as exc:
-            self.row_failures += 1
-            self.consecutive_row_failures += 1
-            log.warning("could not write the row of trial %d: %s", number, exc)
-        else:
-            self.consecutive_row_failures = 0
+        self.rows.write(number, fields)
 
     def abort(self, reason: str, *, requeue_trials: bool) -> None:
         """Fail every trial still training, so none is left RUNNING, and (when this worker was
@@ -702,6 +734,7 @@ def run_study(
         drawer=drawer,
         run_refs=hooks.run_refs,
     )
+    hooks.row_failures = hooks.rows.rewrite()
     try:
         registry.finish_study(name, "finished")
     except Exception as exc:

@@ -28,7 +28,7 @@ from service.db.engine import UPSERTS, missing_file, safe_url, sqlite_file
 from service.deferred_writes import DeferredWrites, upsert
 from service.errors import StudyError
 from service.experiment import KNOBS, NAME_PATTERN, Experiment, restore_experiment
-from service.retry import describe, is_transient, retry_transient, tried_once
+from service.retry import describe, is_away, is_transient, retry_transient, tried_once
 from service.search import make_pruner, make_sampler
 
 __all__ = [
@@ -630,7 +630,10 @@ def open_storage(
         for attempt in range(1, 4):
             try:
                 storage = retry_transient(
-                    connect, seconds=wait_seconds, what=f"opening {safe_url(url)}"
+                    connect,
+                    seconds=wait_seconds,
+                    what=f"opening {safe_url(url)}",
+                    transient=is_away,
                 )
                 break
             except sqlalchemy.exc.DBAPIError as exc:

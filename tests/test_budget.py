@@ -3,6 +3,8 @@ trials, transient database errors, and MLflow updates for runs created late."""
 
 from __future__ import annotations
 
+import logging
+import os
 import threading
 import time
 
@@ -13,7 +15,8 @@ from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
-from service.retry import is_transient, retry_transient
+from service.errors import StudyError
+from service.retry import is_away, is_transient, retry_transient
 from service.studies import open_storage
 from service.tracking import Outbox, _Op, deliver_outbox
 from service.workers import (
@@ -151,6 +154,32 @@ def test_a_refused_connection_is_transient_and_a_bad_statement_is_not(tmp_path):
         retry_transient(
             lambda: (_ for _ in ()).throw(optuna.exceptions.StorageInternalError("no")), seconds=1
         )
+
+
+def test_a_worker_waits_for_a_database_that_is_away_not_for_one_that_refuses_it(caplog):
+    """Opening waits (``wait_seconds``) while nothing answers; a database that answers no (a
+    missing one) is an error at once, waiting or not; without a wait, either is."""
+    caplog.set_level(logging.WARNING, logger="service.retry")
+    nothing_there = "postgresql+psycopg://u@127.0.0.1:9/x"
+    with pytest.raises(StudyError, match="cannot open the Optuna storage"):
+        open_storage(nothing_there, wait_seconds=1)
+    assert "retrying" in caplog.text
+    caplog.clear()
+    with pytest.raises(StudyError):
+        open_storage(nothing_there)
+    assert "retrying" not in caplog.text
+
+    base = os.environ.get("HPO_TEST_POSTGRES_URL")
+    if base:  # a server that is there and says the database does not exist
+        missing = sa.engine.make_url(base).set(database="hpo_no_such_database")
+        with pytest.raises(StudyError, match="does not exist"):
+            open_storage(missing.render_as_string(hide_password=False), wait_seconds=60)
+        assert "retrying" not in caplog.text
+        engine = sa.create_engine(missing)
+        with pytest.raises(sa.exc.OperationalError) as refused:
+            engine.connect()
+        engine.dispose()
+        assert is_transient(refused.value) and not is_away(refused.value)
 
 
 @pytest.mark.e2e

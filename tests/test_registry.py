@@ -178,3 +178,59 @@ def test_a_lost_service_database_costs_rows_not_the_study(hpo, tmp_path, postgre
     rows = snapshot(postgres_url)
     assert {n: r["state"] for n, r in rows["trials"].items()} == {0: "COMPLETE", 1: "COMPLETE"}
     assert rows["studies"]["tiny"]["status"] == "finished"
+
+
+@pytest.mark.postgres
+def test_rows_that_fail_while_the_database_is_away_are_written_when_it_is_back(
+    postgres_url, monkeypatch
+):
+    """A trial's start row fails (its database refuses connections), its end row fails
+    too: both are kept, merged, and written once the database is back, at the study's end."""
+    import sqlalchemy as sa
+
+    import service.runner as runner
+
+    monkeypatch.setattr(runner, "ROW_RETRY_SECONDS", 0.5)
+    upgrade(postgres_url)
+    registry = Registry(make_engine(postgres_url))
+    study_id = registry.record_study(
+        name="s",
+        experiment_name="e",
+        spec={},
+        experiment_text=None,
+        mlflow_experiment_id=None,
+        mlflow_parent_run_id=None,
+    )
+    rows = runner.TrialRows(registry, study_id)
+    url = sa.engine.make_url(postgres_url)
+    admin = sa.create_engine(url.set(database="postgres"), isolation_level="AUTOCOMMIT")
+
+    def accepting(allowed: bool) -> None:
+        with admin.connect() as conn:
+            conn.execute(sa.text(f'ALTER DATABASE "{url.database}" ALLOW_CONNECTIONS {allowed}'))
+            if not allowed:  # and the pooled connections go
+                conn.execute(
+                    sa.text(
+                        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = :d"
+                    ),
+                    {"d": url.database},
+                )
+
+    rows.write(0, {"state": "COMPLETE", "value": 0.5})  # the database is there
+    accepting(False)
+    try:
+        rows.write(1, {"state": "RUNNING", "device": "cpu"})
+        rows.write(1, {"state": "COMPLETE", "value": 0.25})
+        assert rows.unwritten == {1: {"state": "COMPLETE", "device": "cpu", "value": 0.25}}
+        assert rows.rewrite() == 1, "still away: kept for `hpo sync`"
+    finally:
+        accepting(True)
+    assert rows.rewrite() == 0
+    admin.dispose()
+    registry.engine.dispose()
+    trials = snapshot(postgres_url)["trials"]
+    assert {n: (t["state"], t["value"]) for n, t in trials.items()} == {
+        0: ("COMPLETE", 0.5),
+        1: ("COMPLETE", 0.25),
+    }
+    assert trials[1]["device"] == "cpu"

@@ -19,7 +19,7 @@ from sqlalchemy import Engine
 
 from service.db.engine import make_engine, missing_file, safe_url
 from service.errors import HPOError
-from service.retry import describe, retry_transient
+from service.retry import describe, is_away, retry_transient
 from service.settings import Settings
 
 __all__ = [
@@ -126,6 +126,7 @@ def open_database(settings: Settings, *, wait_seconds: float = 0.0) -> Engine:
             lambda: ensure_schema(engine, auto_upgrade=settings.db_url is None),
             seconds=wait_seconds,
             what=f"opening {safe_url(url)}",
+            transient=is_away,
         )
     return engine
 
