@@ -149,18 +149,23 @@ def cluster(tmp_path, mlflow_server) -> Iterator[Cluster]:
                 c.reader.engine.dispose()
 
 
-def running_trial(c: Cluster, *, timeout: float = 120) -> optuna.trial.FrozenTrial:
-    """Wait for a trial that has trained for a while (it reported an intermediate value)."""
+def running_trial(
+    c: Cluster, *, reported: bool = True, timeout: float = 120
+) -> optuna.trial.FrozenTrial:
+    """Wait for a running trial; with ``reported``, one that has trained for a while (it
+    reported an intermediate value)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
             for trial in c.study().get_trials(states=(TrialState.RUNNING,)):
-                if trial.intermediate_values:
+                if trial.intermediate_values or not reported:
                     return trial
         except KeyError:
             pass
+        if c.procs and all(proc.poll() is not None for proc in c.procs):
+            raise AssertionError(f"every process ended before a trial ran\n{c.logs()}")
         time.sleep(0.2)
-    raise TimeoutError("no trial started training")
+    raise TimeoutError(f"no trial started training\n{c.logs()}")
 
 
 def check_study(c: Cluster, *, complete: int, steps: int = STEPS) -> list[optuna.trial.FrozenTrial]:
@@ -301,7 +306,7 @@ def test_tracking_server_outages_lose_and_duplicate_nothing(cluster, tmp_path):
 
         # 2. the server goes away for good mid-study: the study still ends; `hpo sync` delivers
         worker = cluster.start("w2", "worker", cluster.name, "--trials", "8")
-        running_trial(cluster)
+        running_trial(cluster, reported=False)  # its two trials may take seconds in all
         stop_server(server)
         assert worker.wait(timeout=300) == 0, cluster.log("w2")
         assert f"hpo sync {cluster.name}" in cluster.log("w2")
