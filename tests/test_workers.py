@@ -153,7 +153,8 @@ def running_trial(
     c: Cluster, *, reported: bool = True, timeout: float = 120
 ) -> optuna.trial.FrozenTrial:
     """Wait for a running trial; with ``reported``, one that has trained for a while (it
-    reported an intermediate value)."""
+    reported an intermediate value: its params are written). Without, for studies whose
+    trials may take a second each on a fast machine, too short a window to catch a report."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
@@ -296,7 +297,7 @@ def test_tracking_server_outages_lose_and_duplicate_nothing(cluster, tmp_path):
         cluster.launch(experiment(steps=1500, trials=6, pack=2))
         # it waits for the server to come back once its trials are done
         worker = cluster.start("w", "worker", cluster.name, HPO_TRACKING_GRACE="120")
-        running_trial(cluster)
+        running_trial(cluster, reported=False)
         stop_server(server)
         time.sleep(4)  # trials train and start meanwhile
         server = _mlflow(root, port)
@@ -306,7 +307,7 @@ def test_tracking_server_outages_lose_and_duplicate_nothing(cluster, tmp_path):
 
         # 2. the server goes away for good mid-study: the study still ends; `hpo sync` delivers
         worker = cluster.start("w2", "worker", cluster.name, "--trials", "8")
-        running_trial(cluster, reported=False)  # its two trials may take seconds in all
+        running_trial(cluster, reported=False)
         stop_server(server)
         assert worker.wait(timeout=300) == 0, cluster.log("w2")
         assert f"hpo sync {cluster.name}" in cluster.log("w2")
@@ -348,7 +349,7 @@ def test_a_postgres_restart_costs_a_retry_not_the_study(cluster, tmp_path):
             wait_for_http(f"{cluster.tracking}/health", process=server)
             cluster.launch(experiment(steps=1500, trials=6, pack=2))
             workers = [cluster.start("w0", "worker", cluster.name)]
-            running_trial(cluster)
+            running_trial(cluster, reported=False)
             try:
                 _postgres("stop")
                 stopped = time.monotonic()
