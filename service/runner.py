@@ -283,7 +283,6 @@ class _StudyHooks:
         self.heartbeat = Heartbeat(storage, settings.heartbeat_interval)
         self.poll = min(max(settings.heartbeat_interval / 2, 0.2), 5.0)
         self.last_reap = -math.inf
-        self.row_failures = 0  # rows left unwritten at the study's end
         self.rows = TrialRows(registry, study_id)
         self.asked = 0
         self.reaped = 0
@@ -734,13 +733,12 @@ def run_study(
         drawer=drawer,
         run_refs=hooks.run_refs,
     )
-    hooks.row_failures = hooks.rows.rewrite()
+    report.row_failures = hooks.rows.rewrite()  # rows still unwritten, for `hpo sync`
     try:
         registry.finish_study(name, "finished")
     except Exception as exc:
-        hooks.row_failures += 1
+        report.row_failures += 1
         log.warning("could not mark the study finished in the service database: %s", exc)
-    report.row_failures = hooks.row_failures
     report.counts = dict(hooks.counts)
     report.trials_run = hooks.asked
     report.reaped = hooks.reaped

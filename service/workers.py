@@ -4,7 +4,6 @@ does)."""
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import fcntl
 import logging
@@ -12,7 +11,7 @@ import secrets
 import threading
 import warnings
 from collections.abc import Container, Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from typing import Any
 
 import optuna
@@ -148,7 +147,7 @@ def stale_trials(
     for trial_id in storage._get_stale_trial_ids(study_id):
         if trial_id in alive:
             continue
-        with contextlib.suppress(optuna.exceptions.UpdateFinishedTrialError):
+        with suppress(optuna.exceptions.UpdateFinishedTrialError):
             if storage.set_trial_state_values(trial_id, state=TrialState.FAIL):
                 failed.append(storage.get_trial(trial_id))
     return failed

@@ -94,11 +94,10 @@ def test_run_writes_rows_and_sync_rebuilds_them(hpo, tiny_experiment, service_db
     assert snapshot(service_db_url) == rebuilt
 
 
-def test_a_sync_never_overwrites_a_newer_row(service_db_url):
-    """What a sync read before a trial's writer wrote it is older, and is not written."""
-    upgrade(service_db_url)
-    engine = make_engine(service_db_url)
-    registry = Registry(engine)
+def _registry_with_a_study(db_url: str) -> tuple[Registry, int]:
+    """The service's schema at ``db_url`` and a study's row ("s"), with no trials."""
+    upgrade(db_url)
+    registry = Registry(make_engine(db_url))
     study_id = registry.record_study(
         name="s",
         experiment_name="s",
@@ -107,6 +106,13 @@ def test_a_sync_never_overwrites_a_newer_row(service_db_url):
         mlflow_experiment_id=None,
         mlflow_parent_run_id=None,
     )
+    return registry, study_id
+
+
+def test_a_sync_never_overwrites_a_newer_row(service_db_url):
+    """What a sync read before a trial's writer wrote it is older, and is not written."""
+    registry, study_id = _registry_with_a_study(service_db_url)
+    engine = registry.engine
     read_at = datetime.now(UTC)
     registry.record_trial(study_id, 0, {"state": "COMPLETE", "value": 0.5})  # the runner, later
     registry.record_trials(study_id, [(0, {"state": "RUNNING", "value": None})], read_at=read_at)
@@ -191,16 +197,7 @@ def test_rows_that_fail_while_the_database_is_away_are_written_when_it_is_back(
     import service.runner as runner
 
     monkeypatch.setattr(runner, "ROW_RETRY_SECONDS", 0.5)
-    upgrade(postgres_url)
-    registry = Registry(make_engine(postgres_url))
-    study_id = registry.record_study(
-        name="s",
-        experiment_name="e",
-        spec={},
-        experiment_text=None,
-        mlflow_experiment_id=None,
-        mlflow_parent_run_id=None,
-    )
+    registry, study_id = _registry_with_a_study(postgres_url)
     rows = runner.TrialRows(registry, study_id)
     url = sa.engine.make_url(postgres_url)
     admin = sa.create_engine(url.set(database="postgres"), isolation_level="AUTOCOMMIT")
