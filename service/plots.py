@@ -196,14 +196,24 @@ def _child() -> None:
     from service.studies import open_storage
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    # the study's own storage settings: connections checked before use, calls retried while
-    # the database restarts
-    storage = open_storage(where["storage"])
-    study = optuna.load_study(study_name=where["study"], storage=storage)
+
+    def load() -> optuna.Study:
+        # the study's own storage settings: connections checked before use, calls retried
+        # while the database restarts
+        storage = open_storage(where["storage"])
+        return optuna.load_study(study_name=where["study"], storage=storage)
+
+    try:
+        study: optuna.Study | None = load()
+    except Exception as exc:  # the database is away now; it may be back by the study's end
+        print(f"cannot open the study yet ({exc}); trying again to draw", file=sys.stderr)
+        study = None
     line = sys.stdin.readline()
     if not line.strip():
         return  # the parent closed us, or went away: nothing to draw
     request = json.loads(line)
+    if study is None:
+        study = load()
     written = draw_here(
         study, Path(request["folder"]), searched=request["searched"], shown=request["shown"]
     )

@@ -11,7 +11,16 @@ from typing import TypeVar
 
 import sqlalchemy.exc
 
-__all__ = ["describe", "is_away", "is_transient", "retry_transient", "tried_once"]
+__all__ = [
+    "away_within",
+    "describe",
+    "interruptible",
+    "is_away",
+    "is_transient",
+    "mark_away",
+    "retry_transient",
+    "tried_once",
+]
 
 log = logging.getLogger(__name__)
 
@@ -65,12 +74,45 @@ def retry_transient(
         except Exception as exc:
             if not transient(exc) or time.monotonic() + delay > deadline:
                 raise
+            mark_away()
             log.warning("%s failed (%s); retrying in %.1fs", what, describe(exc), delay)
+        check = getattr(_local, "check", None)
+        if check is not None:
+            check()
         time.sleep(delay)
         delay = min(delay * 2, 5.0)
 
 
-_local = threading.local()  # .once: tried_once blocks open on this thread
+# .once: tried_once blocks open on this thread; .check: interruptible's stop check
+_local = threading.local()
+_last_away = -float("inf")  # time.monotonic() when a database call of this process last failed
+
+
+def mark_away() -> None:
+    """Note that a database call failed for a lost or refused connection (just now)."""
+    global _last_away
+    _last_away = time.monotonic()
+
+
+def away_within(seconds: float) -> bool:
+    """Whether a database call of this process failed for a lost or refused connection in the
+    last ``seconds``. After an outage every trial's heartbeats are late, live workers' too:
+    they beat again within an interval of the database's return, so a worker that saw it away
+    waits a grace period before it takes late beats for dead workers."""
+    return time.monotonic() - _last_away < seconds
+
+
+@contextlib.contextmanager
+def interruptible(check: Callable[[], None] | None) -> Iterator[None]:
+    """Within the block, this thread's :func:`retry_transient` calls ``check`` before each
+    wait, so a stop asked for (Ctrl-C, SIGTERM) ends a long wait for a database at once. Only
+    around calls whose caller holds nothing a stop would leave behind (opening a database)."""
+    previous = getattr(_local, "check", None)
+    _local.check = check
+    try:
+        yield
+    finally:
+        _local.check = previous
 
 
 @contextlib.contextmanager

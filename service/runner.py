@@ -27,7 +27,7 @@ from service.experiment import KNOBS, Experiment, Knob
 from service.plots import PlotDrawer
 from service.plots import draw as draw_plots
 from service.registry import Registry, trial_fields, utcnow
-from service.retry import retry_transient
+from service.retry import interruptible, retry_transient
 from service.search import grid_size, searched_params, suggest_schedule
 from service.settings import Settings
 from service.studies import (
@@ -569,14 +569,15 @@ def run_study(
 
     settings.ensure_home()
     wait = WORKER_DATABASE_WAIT if joining else 0.0
-    registry = Registry(open_database(settings, wait_seconds=wait))
+    with interruptible(check_stop):  # a stop ends a wait for the databases at once
+        registry = Registry(open_database(settings, wait_seconds=wait))
+        storage = open_storage(
+            settings.storage_url,
+            heartbeat_interval=settings.heartbeat_interval,
+            grace_period=settings.grace_period,
+            wait_seconds=wait,
+        )
     client = connect(settings.tracking)
-    storage = open_storage(
-        settings.storage_url,
-        heartbeat_interval=settings.heartbeat_interval,
-        grace_period=settings.grace_period,
-        wait_seconds=wait,
-    )
     storage.defer_trial_writes(delay=TRIAL_WRITE_DELAY)
     study = open_study_for(experiment, name=name, storage=storage, joining=joining)
 
@@ -785,7 +786,8 @@ def _launched(
     try:
         while True:
             if storage is None and not missing_file(settings.storage_url):
-                storage = open_storage(settings.storage_url, wait_seconds=WORKER_DATABASE_WAIT)
+                with interruptible(check_stop):
+                    storage = open_storage(settings.storage_url, wait_seconds=WORKER_DATABASE_WAIT)
             if storage is not None and (found := launched_experiment(name, storage)):
                 return found
             if not wait:

@@ -19,7 +19,14 @@ import sqlalchemy
 from optuna.trial import FrozenTrial, TrialState
 
 from service.db.engine import sqlite_file
-from service.retry import describe, is_transient, retry_transient, tried_once
+from service.retry import (
+    away_within,
+    describe,
+    is_transient,
+    mark_away,
+    retry_transient,
+    tried_once,
+)
 from service.studies import BudgetTaken, RetryingRDBStorage, shared_reads
 
 __all__ = [
@@ -112,45 +119,71 @@ def claim_trial(
 
 def requeue(study: optuna.Study, trial: FrozenTrial) -> bool:
     """Queue a new trial with ``trial``'s config, unless it was retried :data:`MAX_RETRIES`
-    times already; returns whether it was queued. Unlike RetryFailedTrialCallback, the failed
-    trial's user attributes (its MLflow run, its failure) are not copied; its system attributes
-    are (a grid sampler's ``grid_id``, say, so the retry stands for the same grid point)."""
+    times already; returns whether a retry of it is queued (now, or before: a trial failed by
+    a reaper and by its own worker stopping, say, is queued again once). Unlike
+    RetryFailedTrialCallback, the failed trial's user attributes (its MLflow run, its failure)
+    are not copied; its system attributes are (a grid sampler's ``grid_id``, say, so the retry
+    stands for the same grid point)."""
     history = [*trial.system_attrs.get(_RETRY_HISTORY, []), trial.number]
     if len(history) > MAX_RETRIES:
         log.warning("trial %d failed %d times; not retried again", trial.number, len(history))
         return False
-    study.add_trial(
-        optuna.create_trial(
-            state=TrialState.WAITING,
-            params=trial.params,
-            distributions=trial.distributions,
-            system_attrs={
-                **trial.system_attrs,
-                _FAILED_TRIAL: trial.system_attrs.get(_FAILED_TRIAL, trial.number),
-                _RETRY_HISTORY: history,
-            },
-        )
+    retry = optuna.create_trial(
+        state=TrialState.WAITING,
+        params=trial.params,
+        distributions=trial.distributions,
+        system_attrs={
+            **trial.system_attrs,
+            _FAILED_TRIAL: trial.system_attrs.get(_FAILED_TRIAL, trial.number),
+            _RETRY_HISTORY: history,
+        },
     )
+    storage = getattr(study._storage, "_backend", study._storage)  # under Optuna's cache
+
+    def attempt() -> None:
+        # the look and the add hold the study's lock: two workers that fail the same trial
+        # queue one retry; tried again together, as a claim is, for an add that went through
+        # before its connection dropped
+        with (
+            study_lock(storage, study.study_name),
+            shared_reads(storage) as reads,
+            tried_once(),
+        ):
+            reads.forget()
+            for other in study.get_trials(deepcopy=False):
+                if other.system_attrs.get(_RETRY_HISTORY, [])[-1:] == [trial.number]:
+                    return
+            study.add_trial(retry)
+
+    if isinstance(storage, optuna.storages.RDBStorage):
+        retry_transient(attempt, seconds=getattr(storage, "retry_seconds", 0.0), what="a retry")
+    else:  # one process: nothing to race
+        study.add_trial(retry)
     return True
 
 
 def stale_trials(
     storage: optuna.storages.RDBStorage, study_id: int, *, alive: Container[int] = ()
-) -> list[FrozenTrial]:
-    """Fail the running trials whose heartbeat stopped (their worker died) and return them, as
-    Optuna's ``fail_stale_trials`` does, except the trials in ``alive``: this worker's own,
-    whose beats were late because the database was away, not because it died. Another worker
-    that gets to a trial first fails it instead."""
-    if storage.get_heartbeat_interval() is None:
-        return []
-    failed = []
+) -> Iterator[FrozenTrial]:
+    """Fail the running trials whose heartbeat stopped (their worker died) and yield them, one
+    at a time as each is failed (so the caller queues each again before the next is failed),
+    as Optuna's ``fail_stale_trials`` does, except:
+
+    - the trials in ``alive``, this worker's own, whose beats were late because the database
+      was away, not because it died;
+    - every trial while this process saw the database away within the grace period: after an
+      outage all beats are late, and live workers beat again within an interval of its return.
+
+    Another worker that gets to a trial first fails it instead."""
+    interval = storage.get_heartbeat_interval()
+    if interval is None or away_within(storage.grace_period or 2 * interval):
+        return
     for trial_id in storage._get_stale_trial_ids(study_id):
         if trial_id in alive:
             continue
         with suppress(optuna.exceptions.UpdateFinishedTrialError):
             if storage.set_trial_state_values(trial_id, state=TrialState.FAIL):
-                failed.append(storage.get_trial(trial_id))
-    return failed
+                yield storage.get_trial(trial_id)
 
 
 def tell_unless_finished(study: optuna.Study, trial: optuna.Trial, **outcome: Any) -> FrozenTrial:
@@ -230,6 +263,8 @@ class Heartbeat:
                 try:  # without the storage's retries: the next beat is the retry
                     optuna.storages.RDBStorage.record_heartbeat(self._storage, trial_id)
                 except Exception as exc:  # the next beat tries again; the grace covers a gap
+                    if is_transient(exc):
+                        mark_away()
                     log.warning(
                         "could not record the heartbeat of trial id %d: %s", trial_id, describe(exc)
                     )

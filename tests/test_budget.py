@@ -21,6 +21,7 @@ from service.studies import open_storage
 from service.tracking import Outbox, _Op, deliver_outbox
 from service.workers import (
     MAX_RETRIES,
+    Heartbeat,
     claimed,
     is_retry,
     requeue,
@@ -58,6 +59,37 @@ def test_requeue_keeps_the_config_and_grid_point_not_the_run(storage_url):
     assert study.trials[-1].system_attrs["retry_history"] == list(range(MAX_RETRIES))
 
 
+def test_a_trial_failed_twice_is_queued_again_once(storage_url):
+    """A trial can be failed by a reaper (its beats were late) and by its own worker
+    stopping, or by two reapers: each queues it again, and one retry is queued."""
+    study = optuna.create_study(study_name="s", storage=open_storage(storage_url))
+    other = optuna.load_study(study_name="s", storage=open_storage(storage_url))
+    trial = study.ask()
+    trial.suggest_float("x", 0, 1)
+    study.tell(trial, state=TrialState.FAIL)
+    failed = study.trials[0]
+    results = []
+    threads = [
+        threading.Thread(target=lambda s=s: results.append(requeue(s, failed)))
+        for s in (study, other, study)
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert results == [True] * 3, "each finds its retry queued"
+    retries = [t for t in study.trials if is_retry(t)]
+    assert len(retries) == 1 and retries[0].params == failed.params
+    # the retry, failed in turn, is queued again: a retry of the retry, not of the first
+    again = study.ask()
+    study.tell(again, state=TrialState.FAIL)
+    assert requeue(other, study.trials[again.number])
+    assert [t.system_attrs["retry_history"] for t in study.trials if is_retry(t)] == [
+        [0],
+        [0, 1],
+    ]
+
+
 def test_the_study_lock_is_held_by_one_at_a_time(storage_url):
     storage = open_storage(storage_url)
     optuna.create_study(study_name="s", storage=storage)
@@ -93,13 +125,37 @@ def test_a_worker_fails_stale_trials_but_not_its_own(storage_url):
         storage.record_heartbeat(trial._trial_id)
     time.sleep(2.5)  # past the grace
 
-    failed = stale_trials(storage, study._study_id, alive={mine._trial_id})
+    failed = list(stale_trials(storage, study._study_id, alive={mine._trial_id}))
     assert [t.number for t in failed] == [theirs.number]
     assert failed[0].state == TrialState.FAIL
     assert study.trials[mine.number].state == TrialState.RUNNING
     # without it, this worker's trial would go too (and another worker's view is that)
     assert [t.number for t in stale_trials(storage, study._study_id)] == [mine.number]
-    assert stale_trials(storage, study._study_id) == [], "each is failed once"
+    assert list(stale_trials(storage, study._study_id)) == [], "each is failed once"
+
+
+@pytest.mark.filterwarnings("ignore:Heartbeat of storage:UserWarning")
+def test_a_worker_that_saw_the_database_away_waits_a_grace_before_reaping(storage_url):
+    """After an outage every beat is late, live workers' too; they beat again within an
+    interval of the database's return. A worker that saw it away fails no late trial until a
+    grace period has passed since, then fails those still late."""
+    storage = open_storage(storage_url, heartbeat_interval=1, grace_period=2)
+    study = optuna.create_study(study_name="s", storage=storage)
+    live, dead = study.ask(), study.ask()
+    for trial in (live, dead):
+        storage.record_heartbeat(trial._trial_id)
+    time.sleep(2.5)  # both late
+    with pytest.raises(StudyError):  # a database that is away, as this worker sees it
+        open_storage("postgresql+psycopg://u@127.0.0.1:9/x", wait_seconds=0.5)
+    assert list(stale_trials(storage, study._study_id)) == []
+    beats = Heartbeat(storage, 0.5)  # its worker beats again
+    beats.add(live._trial_id)
+    try:
+        time.sleep(2.2)  # the grace since the failure
+        assert [t.number for t in stale_trials(storage, study._study_id)] == [dead.number]
+    finally:
+        beats.close()
+    assert study.trials[live.number].state == TrialState.RUNNING
 
 
 class _FailedByAnotherWorker(optuna.samplers.RandomSampler):

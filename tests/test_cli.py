@@ -399,6 +399,31 @@ def test_a_waiting_worker_on_a_fresh_machine_waits_and_makes_nothing(hpo):
         assert process.wait(timeout=30) == 130
 
 
+def test_ctrl_c_ends_a_workers_wait_for_its_database(hpo):
+    """A worker waits a minute for a database that is away; Ctrl-C ends the wait at once, not
+    after it."""
+    hpo.env["HPO_STORAGE"] = "postgresql+psycopg://u@127.0.0.1:9/x"  # nothing listens there
+    process = subprocess.Popen(
+        [sys.executable, "-m", "service.cli", "worker", "w"],
+        env=hpo.env,
+        cwd=hpo.home.parent,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        for line in process.stderr:
+            if "retrying" in line:
+                break
+        process.send_signal(signal.SIGINT)
+        # the wait has nearly a minute to go: only the stop ends it before that
+        assert process.wait(timeout=30) == 130
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
 def test_other_experiment_under_existing_study_is_refused(hpo, tmp_path, tiny_experiment):
     assert hpo("run", str(tiny_experiment), "--trials", "1").returncode == 0
     other = write_experiment(

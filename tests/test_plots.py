@@ -95,6 +95,25 @@ def test_a_dead_or_failing_child_leaves_the_drawing_to_this_process(storage_url,
     assert "Record does not exist" in caplog.text  # the child's own error is passed on
 
 
+def test_a_child_that_cannot_open_the_study_at_first_opens_it_to_draw(tmp_path):
+    """A study whose database is away when it starts (here: its folder is not there yet) is
+    opened again when its plots are asked for, at the study's end."""
+    folder = tmp_path / "later"
+    url = f"sqlite:///{folder / 'optuna.db'}"
+    drawer = PlotDrawer(url, "plotted")
+    try:
+        for line in drawer._process.stderr:  # the child tried, and failed
+            if "cannot open the study yet" in line:
+                break
+        folder.mkdir()
+        _, searched, shown = _study(url)
+        (tmp_path / "out").mkdir()
+        files = drawer.draw(tmp_path / "out", searched=searched, shown=shown)
+    finally:
+        drawer.close()
+    _check(files, tmp_path / "out")
+
+
 def test_child_ends_when_closed_or_when_its_parent_goes(tmp_path):
     storage_url = f"sqlite:///{tmp_path / 'optuna.db'}"  # the storage plays no part here
     study, _, _ = _study(storage_url)

@@ -225,14 +225,24 @@ def check_study(c: Cluster, *, complete: int, steps: int = STEPS) -> list[optuna
 
 @pytest.mark.parametrize("workers", [2, 4])
 def test_workers_share_one_study(cluster, workers):
-    cluster.launch(experiment(trials=8))
-    procs = [cluster.start(f"w{i}", "worker", cluster.name) for i in range(workers)]
+    # The workers are up and waiting before the study is launched, with their threads set (no
+    # probe): started with it, one worker once finished all 60-step trials while another was
+    # still starting, and nothing was left to share.
+    procs = [
+        cluster.start(f"w{i}", "worker", cluster.name, "--wait", HPO_CPU_THREADS="1")
+        for i in range(workers)
+    ]
+    deadline = time.monotonic() + 120
+    while not all("waiting for study" in cluster.log(f"w{i}") for i in range(workers)):
+        assert all(p.poll() is None for p in procs) and time.monotonic() < deadline, cluster.logs()
+        time.sleep(0.2)
+    cluster.launch(experiment(steps=600, trials=8))
     for i, proc in enumerate(procs):
         assert proc.wait(timeout=300) == 0, cluster.log(f"w{i}")
-    trials = check_study(cluster, complete=8)
+    trials = check_study(cluster, complete=8, steps=600)
     assert len(trials) == 8, "exactly the requested trials, no more"
     done_by = [cluster.log(f"w{i}").count(" complete") for i in range(workers)]
-    assert sum(1 for n in done_by if n) >= 2, "the work was shared"
+    assert sum(1 for n in done_by if n) >= 2, f"the work was shared\n{cluster.logs()}"
 
 
 def test_a_killed_worker_trial_is_failed_and_retried(cluster):
@@ -368,6 +378,10 @@ def test_a_postgres_restart_costs_a_retry_not_the_study(cluster, tmp_path):
             for i, proc in enumerate(workers):
                 assert proc.wait(timeout=300) == 0, cluster.log(f"w{i}")
             assert "retrying" in cluster.log("w1"), "w1 started while the database was down"
+            # every beat was late when it came back, but both had seen it away and waited for
+            # each other's beats: neither failed the other's live trials
+            for name in ("w0", "w1"):
+                assert "failed by another worker" not in cluster.log(name), cluster.logs()
             check_study(cluster, complete=6, steps=1500)
         finally:
             stop_server(server)
