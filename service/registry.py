@@ -133,7 +133,9 @@ class Registry:
         *,
         read_at: datetime | None = None,
     ) -> int:
-        """Insert or update trial rows, given as ``(number, fields)``; returns how many.
+        """Insert or update trial rows, given as ``(number, fields)``, in one transaction;
+        returns how many. A row given without a state (a trial's MLflow run, created after its
+        row was written) only updates the row there is.
 
         One upsert (``INSERT … ON CONFLICT DO UPDATE``), so two writers never collide. With
         ``read_at`` (when a sync read Optuna and MLflow), a row written since is left alone:
@@ -144,8 +146,19 @@ class Registry:
             return 0
         now = utcnow()
         dialect_insert = UPSERTS[self.engine.dialect.name]
-        values = [{"study_id": study_id, "number": n, **f, "updated_at": now} for n, f in rows]
+        values = [
+            {"study_id": study_id, "number": n, **f, "updated_at": now}
+            for n, f in rows
+            if "state" in f
+        ]
         with self.sessions.begin() as session:
+            for number, fields in rows:
+                if "state" not in fields:
+                    session.execute(
+                        update(TrialRow)
+                        .where(TrialRow.study_id == study_id, TrialRow.number == number)
+                        .values(**fields, updated_at=now)
+                    )
             for batch in _same_keys(values):
                 statement = dialect_insert(TrialRow)
                 changed = [key for key in batch[0] if key not in ("study_id", "number")]
@@ -174,15 +187,6 @@ class Registry:
         if self.engine.dialect.name == "postgresql":
             with self.sessions.begin() as session:
                 session.execute(text("ANALYZE trials"))
-
-    def link_run(self, study_id: int, number: int, run_id: str) -> None:
-        """Record a trial's MLflow run that was created after its row (MLflow was away)."""
-        with self.sessions.begin() as session:
-            session.execute(
-                update(TrialRow)
-                .where(TrialRow.study_id == study_id, TrialRow.number == number)
-                .values(mlflow_run_id=run_id)
-            )
 
     def record_trial(self, study_id: int, number: int, fields: Mapping[str, Any]) -> None:
         self.record_trials(study_id, [(number, fields)])

@@ -27,7 +27,7 @@ from service.experiment import KNOBS, Experiment, Knob
 from service.plots import PlotDrawer
 from service.plots import draw as draw_plots
 from service.registry import Registry, trial_fields, utcnow
-from service.retry import interruptible, retry_transient
+from service.retry import interruptible
 from service.search import grid_size, searched_params, suggest_schedule
 from service.settings import Settings
 from service.studies import (
@@ -57,6 +57,7 @@ from service.training.packing import (
     choose_cpu_threads,
     choose_pack_size,
 )
+from service.trial_rows import TrialRows
 from service.workers import (
     Heartbeat,
     claim_trial,
@@ -70,14 +71,11 @@ from service.workers import (
 __all__ = [
     "Progress",
     "StudyReport",
-    "TrialRows",
     "join_study",
     "network_shape",
     "run_study",
 ]
 
-# a row write waits this long for a restarting database; longer, and `hpo sync` repairs it
-ROW_RETRY_SECONDS = 5.0
 # the study's end waits this long for its best trial's MLflow run to be created, while the
 # server answers (a trial's own end does not wait: its run is recorded when it is created)
 RUN_WAIT_SECONDS = 10.0
@@ -204,54 +202,6 @@ class _FinishedTrials:
             self._read_at = time.monotonic()
         trials = [t for t in self._trials if t.state in states]
         return copy.deepcopy(trials) if deepcopy else trials
-
-
-class TrialRows:
-    """The study's trial rows in the service database, as trials start and end. A write that
-    fails (the database is away) is kept, merged with the trial's later ones, and goes with
-    the next of them or at the study's end (:meth:`rewrite`). After a few failures in a row
-    the database is taken to be gone, and training stops waiting on it."""
-
-    def __init__(self, registry: Registry, study_id: int) -> None:
-        self.registry, self.study_id = registry, study_id
-        self.unwritten: dict[int, dict[str, Any]] = {}  # number -> the fields not written
-        self.failures_in_a_row = 0
-
-    def write(self, number: int, fields: dict[str, Any]) -> None:
-        fields = {**self.unwritten.pop(number, {}), **fields}
-        if self.failures_in_a_row >= 3:
-            self.unwritten[number] = fields
-            return
-        try:
-            retry_transient(
-                lambda: self.registry.record_trial(self.study_id, number, fields),
-                seconds=ROW_RETRY_SECONDS,
-                what=f"writing the row of trial {number}",
-            )
-        except Exception as exc:
-            self.unwritten[number] = fields
-            self.failures_in_a_row += 1
-            log.warning("could not write the row of trial %d: %s", number, exc)
-        else:
-            self.failures_in_a_row = 0
-
-    def rewrite(self) -> int:
-        """Write the rows whose writes failed, together, once more; returns how many are still
-        unwritten, for `hpo sync` to repair."""
-        if self.unwritten:
-            rows = list(self.unwritten.items())
-            try:
-                retry_transient(
-                    lambda: self.registry.record_trials(self.study_id, rows),
-                    seconds=ROW_RETRY_SECONDS,
-                    what="writing the trial rows that failed",
-                )
-            except Exception as exc:
-                log.warning("could not write %d trial row(s): %s", len(rows), exc)
-            else:
-                log.warning("wrote the %d trial row(s) that had failed", len(rows))
-                self.unwritten.clear()
-        return len(self.unwritten)
 
 
 class _StudyHooks:
@@ -489,10 +439,7 @@ class _StudyHooks:
                 self.linked.add(number)
         except Exception as exc:
             log.warning("could not record the MLflow run of trial %d: %s", number, exc)
-        try:
-            self.registry.link_run(self.study_id, number, run_id)
-        except Exception as exc:
-            log.warning("could not record the MLflow run of trial %d: %s", number, exc)
+        self.rows.write(number, {"mlflow_run_id": run_id})
 
     def _row(self, number: int, fields: dict[str, Any]) -> None:
         self.rows.write(number, fields)
@@ -571,13 +518,14 @@ def run_study(
     wait = WORKER_DATABASE_WAIT if joining else 0.0
     with interruptible(check_stop):  # a stop ends a wait for the databases at once
         registry = Registry(open_database(settings, wait_seconds=wait))
+        # before the storage: a tracking store MLflow refuses leaves no Optuna database
+        client = connect(settings.tracking)
         storage = open_storage(
             settings.storage_url,
             heartbeat_interval=settings.heartbeat_interval,
             grace_period=settings.grace_period,
             wait_seconds=wait,
         )
-    client = connect(settings.tracking)
     storage.defer_trial_writes(delay=TRIAL_WRITE_DELAY)
     study = open_study_for(experiment, name=name, storage=storage, joining=joining)
 
@@ -716,6 +664,7 @@ def run_study(
                 drawer=drawer,
                 run_refs=hooks.run_refs,
             ),
+            hooks.rows.close,
             lambda: registry.finish_study(name, "interrupted" if interrupted else "failed"),
         ):
             try:
@@ -734,7 +683,7 @@ def run_study(
         drawer=drawer,
         run_refs=hooks.run_refs,
     )
-    report.row_failures = hooks.rows.rewrite()  # rows still unwritten, for `hpo sync`
+    report.row_failures = hooks.rows.close()  # rows still unwritten, for `hpo sync`
     try:
         registry.finish_study(name, "finished")
     except Exception as exc:

@@ -3,6 +3,8 @@ on SQLite and on PostgreSQL."""
 
 from __future__ import annotations
 
+import logging
+import time
 from datetime import UTC, datetime, timedelta
 
 import optuna
@@ -15,6 +17,7 @@ from service.db.migrations import upgrade
 from service.db.models import StudyRow, TrialRow
 from service.experiment import KNOBS
 from service.registry import Registry
+from service.trial_rows import TrialRows
 
 
 def snapshot(db_url: str) -> dict:
@@ -188,17 +191,19 @@ def test_a_lost_service_database_costs_rows_not_the_study(hpo, tmp_path, postgre
 
 @pytest.mark.postgres
 def test_rows_that_fail_while_the_database_is_away_are_written_when_it_is_back(
-    postgres_url, monkeypatch
+    postgres_url, monkeypatch, caplog
 ):
-    """A trial's start row fails (its database refuses connections), its end row fails
-    too: both are kept, merged, and written once the database is back, at the study's end."""
+    """Rows are written by a thread of their own, so training never waits for the service
+    database. A trial's start row fails (its database refuses connections), its end and its
+    MLflow run come meanwhile: kept, merged, and written once the database is back; rows still
+    unwritten at the study's end are counted, for `hpo sync`."""
     import sqlalchemy as sa
 
-    import service.runner as runner
+    import service.trial_rows as trial_rows
 
-    monkeypatch.setattr(runner, "ROW_RETRY_SECONDS", 0.5)
+    monkeypatch.setattr(trial_rows, "ROW_RETRY_SECONDS", 0.5)
+    monkeypatch.setattr(trial_rows, "_RETRY_DELAY", 0.2)
     registry, study_id = _registry_with_a_study(postgres_url)
-    rows = runner.TrialRows(registry, study_id)
     url = sa.engine.make_url(postgres_url)
     admin = sa.create_engine(url.set(database="postgres"), isolation_level="AUTOCOMMIT")
 
@@ -213,21 +218,66 @@ def test_rows_that_fail_while_the_database_is_away_are_written_when_it_is_back(
                     {"d": url.database},
                 )
 
+    def rows_now() -> dict[int, tuple]:
+        return {
+            n: (t["state"], t["value"], t["mlflow_run_id"])
+            for n, t in snapshot(postgres_url)["trials"].items()
+        }
+
+    caplog.set_level(logging.WARNING, logger="service.trial_rows")
+    rows = trial_rows.TrialRows(registry, study_id)
+    deadline = time.monotonic() + 30
+
+    def written() -> None:
+        while rows.unwritten:
+            assert time.monotonic() < deadline, "never written"
+            time.sleep(0.05)
+
     rows.write(0, {"state": "COMPLETE", "value": 0.5})  # the database is there
+    written()
+    assert rows_now() == {0: ("COMPLETE", 0.5, None)}
+    rows.write(0, {"mlflow_run_id": "r0"})  # a run created after the row: an update
+    written()
+
     accepting(False)
     try:
         rows.write(1, {"state": "RUNNING", "device": "cpu"})
+        while "kept, and tried again" not in caplog.text:
+            assert time.monotonic() < deadline, "the writer never tried"
+            time.sleep(0.05)
         rows.write(1, {"state": "COMPLETE", "value": 0.25})
-        assert rows.unwritten == {1: {"state": "COMPLETE", "device": "cpu", "value": 0.25}}
-        assert rows.rewrite() == 1, "still away: kept for `hpo sync`"
+        rows.write(1, {"mlflow_run_id": "r1"})
+        assert rows.unwritten == {
+            1: {"state": "COMPLETE", "device": "cpu", "value": 0.25, "mlflow_run_id": "r1"}
+        }
     finally:
         accepting(True)
-    assert rows.rewrite() == 0
+    assert rows.close() == 0
+    assert "wrote" in caplog.text.splitlines()[-1]
+    assert rows_now() == {0: ("COMPLETE", 0.5, "r0"), 1: ("COMPLETE", 0.25, "r1")}
+    assert snapshot(postgres_url)["trials"][1]["device"] == "cpu"
+
+    # still away at the study's end: kept for `hpo sync`, which the end says
+    again = trial_rows.TrialRows(registry, study_id)
+    accepting(False)
+    try:
+        again.write(2, {"state": "RUNNING"})
+        assert again.close() == 1
+    finally:
+        accepting(True)
+    assert set(rows_now()) == {0, 1}
     admin.dispose()
     registry.engine.dispose()
-    trials = snapshot(postgres_url)["trials"]
-    assert {n: (t["state"], t["value"]) for n, t in trials.items()} == {
-        0: ("COMPLETE", 0.5),
-        1: ("COMPLETE", 0.25),
-    }
-    assert trials[1]["device"] == "cpu"
+
+
+def test_a_row_the_database_refuses_costs_no_other_row(service_db_url, caplog):
+    registry, study_id = _registry_with_a_study(service_db_url)
+    rows = TrialRows(registry, study_id)
+    rows.write(0, {"state": "RUNNING"})
+    rows.write(1, {"state": "RUNNING", "no_such_column": 1})
+    rows.write(2, {"state": "COMPLETE", "value": 1.0})
+    assert rows.close() == 1
+    assert "could not write the row of trial 1" in caplog.text
+    states = {n: t["state"] for n, t in snapshot(service_db_url)["trials"].items()}
+    assert states == {0: "RUNNING", 2: "COMPLETE"}
+    registry.engine.dispose()
