@@ -17,7 +17,7 @@ __all__ = [
     "interruptible",
     "is_away",
     "is_transient",
-    "mark_away",
+    "note_failure",
     "retry_transient",
     "tried_once",
 ]
@@ -74,7 +74,7 @@ def retry_transient(
         except Exception as exc:
             if not transient(exc) or time.monotonic() + delay > deadline:
                 raise
-            mark_away()
+            note_failure(exc)
             log.warning("%s failed (%s); retrying in %.1fs", what, describe(exc), delay)
         check = getattr(_local, "check", None)
         if check is not None:
@@ -88,10 +88,23 @@ _local = threading.local()
 _last_away = -float("inf")  # time.monotonic() when a database call of this process last failed
 
 
-def mark_away() -> None:
-    """Note that a database call failed for a lost or refused connection (just now)."""
+# what a server says of a busy database, which is there: waits for locks, not an outage
+_CONTENTION = (
+    "database is locked",
+    "deadlock detected",
+    "lock timeout",
+    "canceling statement",
+    "could not obtain lock",
+    "could not serialize",
+)
+
+
+def note_failure(exc: BaseException) -> None:
+    """Note a failed database call: one that lost or could not make its connection says the
+    database is away (now), for :func:`away_within`."""
     global _last_away
-    _last_away = time.monotonic()
+    if is_away(exc) and not any(word in describe(exc) for word in _CONTENTION):
+        _last_away = time.monotonic()
 
 
 def away_within(seconds: float) -> bool:

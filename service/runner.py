@@ -271,6 +271,7 @@ class _StudyHooks:
         for trial in stale_trials(self.storage, self.study._study_id, alive=alive):
             reason = "its worker stopped sending heartbeats"
             log.warning("trial %d failed: %s; queued again", trial.number, reason)
+            requeue(self.study, trial)  # first: its retry is what must not be lost
             self.reaped += 1
             run_id = trial.user_attrs.get("mlflow_run_id")
             if not run_id:  # its run was created late, or not yet: its tag finds it
@@ -279,7 +280,6 @@ class _StudyHooks:
             if run_id:
                 self.tracker.fail_run(run_id, reason)
             self._row(trial.number, trial_fields(trial) | {"fail_reason": reason})
-            requeue(self.study, trial)
 
     def wait_for_others(self) -> bool:
         """Once this worker has nothing left to take: wait while other workers' trials run.
@@ -374,11 +374,15 @@ class _StudyHooks:
             if frozen.state == TrialState.COMPLETE:
                 self.tracker.end_trial(run_id, "COMPLETE", step=outcome.steps, objective=value)
                 self._row(trial.number, trial_fields(frozen, outcome.metrics))
+            else:  # failed by another worker, whose row says why; over this one's start row
+                self._row(trial.number, {"state": frozen.state.name})
         elif isinstance(outcome.error, optuna.TrialPruned):
             frozen = self._tell(trial, state=TrialState.PRUNED)
             if frozen.state == TrialState.PRUNED:
                 self.tracker.end_trial(run_id, "PRUNED", step=outcome.steps, reason=outcome.reason)
                 self._row(trial.number, trial_fields(frozen, outcome.metrics))
+            else:
+                self._row(trial.number, {"state": frozen.state.name})
         else:
             reason = outcome.reason or "failed"
             frozen = self._fail(trial, run_id, reason, step=outcome.steps, metrics=outcome.metrics)
@@ -669,21 +673,28 @@ def run_study(
         ):
             try:
                 cleanup()
-            except Exception as error:  # the original error is the one to report
-                log.warning("could not close the study after %s: %s", type(exc).__name__, error)
+            except BaseException as error:  # the original error is the one to report; a
+                # second Ctrl-C cuts one step short, not the ones after it (the rows)
+                log.warning(
+                    "could not close the study after %s: %s",
+                    type(exc).__name__,
+                    str(error) or type(error).__name__,
+                )
         raise
     hooks.close()
-    report.delivery = _finish(
-        tracker,
-        study,
-        storage,
-        knobs,
-        status="FINISHED",
-        grace=settings.tracking_grace,
-        drawer=drawer,
-        run_refs=hooks.run_refs,
-    )
-    report.row_failures = hooks.rows.close()  # rows still unwritten, for `hpo sync`
+    try:
+        report.delivery = _finish(
+            tracker,
+            study,
+            storage,
+            knobs,
+            status="FINISHED",
+            grace=settings.tracking_grace,
+            drawer=drawer,
+            run_refs=hooks.run_refs,
+        )
+    finally:
+        report.row_failures = hooks.rows.close()  # rows still unwritten, for `hpo sync`
     try:
         registry.finish_study(name, "finished")
     except Exception as exc:

@@ -39,6 +39,7 @@ class TrialRows:
         self._refused: dict[int, dict[str, Any]] = {}
         self._changed = threading.Condition()
         self._closing = False
+        self._closed = False
         self._away = False  # the last write found the database away
         self._thread = threading.Thread(target=self._run, name="hpo-trial-rows", daemon=True)
         self._thread.start()
@@ -46,8 +47,13 @@ class TrialRows:
     def write(self, number: int, fields: dict[str, Any]) -> None:
         """Have the row of trial ``number`` take ``fields`` (over what it was given before)."""
         with self._changed:
-            self._waiting[number] = {**self._waiting.get(number, {}), **fields}
-            self._changed.notify()
+            if not self._closed:
+                self._waiting[number] = {**self._waiting.get(number, {}), **fields}
+                self._changed.notify()
+                return
+        # after the study's end (a run created late, say): written here, once
+        if not self._write({number: fields}):
+            log.warning("could not write the row of trial %d; `hpo sync` repairs it", number)
 
     @property
     def unwritten(self) -> dict[int, dict[str, Any]]:
@@ -65,11 +71,15 @@ class TrialRows:
         with self._changed:
             self._closing = True
             self._changed.notify()
-        self._thread.join()
+        self._thread.join(timeout=ROW_RETRY_SECONDS)  # a write hung on a host that is gone
         deadline = time.monotonic() + ROW_RETRY_SECONDS
         delay = 0.2
-        while self._waiting:
-            rows, self._waiting = self._waiting, {}
+        # (a thread still writing holds its rows: they are counted, not written twice at once)
+        while not self._thread.is_alive():
+            with self._changed:
+                rows, self._waiting = self._waiting, {}
+            if not rows:
+                break
             if self._write(rows):
                 continue
             self._put_back(rows)
@@ -77,7 +87,9 @@ class TrialRows:
                 break
             time.sleep(delay)
             delay = min(2 * delay, 2.0)
-        unwritten = len(self._waiting) + len(self._refused)
+        with self._changed:
+            self._closed = True
+            unwritten = len(self.unwritten)
         if unwritten:
             log.warning("%d trial row(s) not written, for `hpo sync` to repair", unwritten)
         return unwritten

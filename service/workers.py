@@ -23,7 +23,7 @@ from service.retry import (
     away_within,
     describe,
     is_transient,
-    mark_away,
+    note_failure,
     retry_transient,
     tried_once,
 )
@@ -263,8 +263,7 @@ class Heartbeat:
                 try:  # without the storage's retries: the next beat is the retry
                     optuna.storages.RDBStorage.record_heartbeat(self._storage, trial_id)
                 except Exception as exc:  # the next beat tries again; the grace covers a gap
-                    if is_transient(exc):
-                        mark_away()
+                    note_failure(exc)
                     log.warning(
                         "could not record the heartbeat of trial id %d: %s", trial_id, describe(exc)
                     )

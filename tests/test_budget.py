@@ -15,6 +15,7 @@ from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
+from service import retry
 from service.errors import StudyError
 from service.retry import is_away, is_transient, retry_transient
 from service.studies import open_storage
@@ -156,6 +157,33 @@ def test_a_worker_that_saw_the_database_away_waits_a_grace_before_reaping(storag
     finally:
         beats.close()
     assert study.trials[live.number].state == TrialState.RUNNING
+
+
+def test_a_busy_database_is_not_away_a_refused_connection_is(tmp_path, monkeypatch):
+    """Only a lost or refused connection holds reaping back: a lock wait (SQLite's "database
+    is locked", a PostgreSQL deadlock) is retried, but the database is there."""
+    monkeypatch.setattr(retry, "_last_away", float("-inf"))
+    url = f"sqlite:///{tmp_path / 'busy.db'}"
+    holder, waiter = sa.create_engine(url), sa.create_engine(url, connect_args={"timeout": 0})
+    with holder.connect() as conn:
+        conn.exec_driver_sql("CREATE TABLE t (x)")
+        conn.commit()
+        conn.exec_driver_sql("BEGIN EXCLUSIVE")
+        with pytest.raises(sa.exc.OperationalError) as locked, waiter.begin() as other:
+            other.exec_driver_sql("INSERT INTO t VALUES (1)")
+        conn.rollback()
+    holder.dispose()
+    waiter.dispose()
+    assert is_transient(locked.value), "retried"
+    retry.note_failure(locked.value)
+    assert not retry.away_within(60)
+
+    nothing_there = sa.create_engine("postgresql+psycopg://u@127.0.0.1:9/x")
+    with pytest.raises(sa.exc.OperationalError) as refused:
+        nothing_there.connect()
+    nothing_there.dispose()
+    retry.note_failure(refused.value)
+    assert retry.away_within(60)
 
 
 class _FailedByAnotherWorker(optuna.samplers.RandomSampler):
