@@ -20,7 +20,6 @@ ratios; both must leave the same rows (checked).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import platform
 import sys
 import tempfile
@@ -34,7 +33,7 @@ import sqlalchemy as sa
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.trial_writes import WriteCommits  # noqa: E402
+from benchmarks.trial_writes import WriteCommits, fresh_database  # noqa: E402
 from service.db.engine import make_engine, make_sessionmaker  # noqa: E402
 from service.db.migrations import upgrade  # noqa: E402
 from service.db.models import TrialRow  # noqa: E402
@@ -120,29 +119,6 @@ def one_way(url: str, args: argparse.Namespace, *, threaded: bool) -> tuple[floa
     return in_writes, wall, commits.count
 
 
-@contextlib.contextmanager
-def database(kind: str, args: argparse.Namespace) -> Iterator[str]:
-    if kind == "SQLite":
-        with tempfile.TemporaryDirectory() as folder:
-            url = f"sqlite:///{folder}/hpo.db"
-            upgrade(url)
-            yield url
-        return
-    admin = sa.create_engine(args.postgres, isolation_level="AUTOCOMMIT")
-    name = f"hpo_bench_{uuid.uuid4().hex[:8]}"
-    with admin.connect() as conn:
-        conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
-    url = sa.engine.make_url(args.postgres).set(database=name)
-    url_text = url.render_as_string(hide_password=False)
-    try:
-        upgrade(url_text)
-        yield url_text
-    finally:
-        with admin.connect() as conn:
-            conn.execute(sa.text(f'DROP DATABASE "{name}" WITH (FORCE)'))
-        admin.dispose()
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--trials", type=int, default=512)
@@ -156,13 +132,18 @@ def main() -> None:
         f"{platform.python_version()}, SQLAlchemy {sa.__version__}; {args.trials} trials, "
         f"pack {args.pack}, {args.work} ms of work per update, best of {args.repeats}"
     )
-    kinds = ["SQLite", *(["PostgreSQL"] if args.postgres else [])]
+    kinds = ["sqlite", *(["postgresql"] if args.postgres else [])]
     print(f"{'database':<11} {'way':<28} {'ms/trial in writes':>19} {'wall s':>8} {'commits':>8}")
     for kind in kinds:
         best: dict[bool, tuple[float, float, int]] = {}
-        for _ in range(args.repeats):
+        for repeat in range(args.repeats):
             for threaded in (False, True):  # alternately, so drift hits both
-                with database(kind, args) as url:
+                label = f"rows_{repeat}_{int(threaded)}"
+                with (
+                    tempfile.TemporaryDirectory() as tmp,
+                    fresh_database(kind, Path(tmp), label, args.postgres) as url,
+                ):
+                    upgrade(url)
                     got = one_way(url, args, threaded=threaded)
                 if threaded not in best or got[0] < best[threaded][0]:
                     best[threaded] = got

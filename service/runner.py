@@ -374,15 +374,11 @@ class _StudyHooks:
             if frozen.state == TrialState.COMPLETE:
                 self.tracker.end_trial(run_id, "COMPLETE", step=outcome.steps, objective=value)
                 self._row(trial.number, trial_fields(frozen, outcome.metrics))
-            else:  # failed by another worker, whose row says why; over this one's start row
-                self._row(trial.number, {"state": frozen.state.name})
         elif isinstance(outcome.error, optuna.TrialPruned):
             frozen = self._tell(trial, state=TrialState.PRUNED)
             if frozen.state == TrialState.PRUNED:
                 self.tracker.end_trial(run_id, "PRUNED", step=outcome.steps, reason=outcome.reason)
                 self._row(trial.number, trial_fields(frozen, outcome.metrics))
-            else:
-                self._row(trial.number, {"state": frozen.state.name})
         else:
             reason = outcome.reason or "failed"
             frozen = self._fail(trial, run_id, reason, step=outcome.steps, metrics=outcome.metrics)
@@ -412,6 +408,8 @@ class _StudyHooks:
                 "its result is dropped",
                 trial.number,
             )
+            # that worker's row says why; this puts its state over this worker's start row
+            self._row(trial.number, {"state": frozen.state.name})
         return frozen
 
     def _fail(

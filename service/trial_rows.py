@@ -4,6 +4,7 @@ their own."""
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from typing import Any
@@ -71,22 +72,8 @@ class TrialRows:
         with self._changed:
             self._closing = True
             self._changed.notify()
-        self._thread.join(timeout=ROW_RETRY_SECONDS)  # a write hung on a host that is gone
-        deadline = time.monotonic() + ROW_RETRY_SECONDS
-        delay = 0.2
-        # (a thread still writing holds its rows: they are counted, not written twice at once)
-        while not self._thread.is_alive():
-            with self._changed:
-                rows, self._waiting = self._waiting, {}
-            if not rows:
-                break
-            if self._write(rows):
-                continue
-            self._put_back(rows)
-            if time.monotonic() + delay > deadline:
-                break
-            time.sleep(delay)
-            delay = min(2 * delay, 2.0)
+        # its last tries, and at most one write hung on a host that is gone (its rows counted)
+        self._thread.join(timeout=2 * ROW_RETRY_SECONDS)
         with self._changed:
             self._closed = True
             unwritten = len(self.unwritten)
@@ -101,11 +88,15 @@ class TrialRows:
                 self._waiting[number] = {**fields, **self._waiting.get(number, {})}
 
     def _run(self) -> None:
+        deadline = math.inf  # once closing: the end of the last tries
+        delay = 0.2  # between the last tries
         while True:
             with self._changed:
                 self._changed.wait_for(lambda: self._waiting or self._closing)
-                if self._closing:
-                    return  # close() writes what waits, with its own wait for the database
+                if not self._waiting:
+                    return  # closing, and all written
+                if self._closing and deadline == math.inf:
+                    deadline = time.monotonic() + ROW_RETRY_SECONDS
                 rows, self._waiting = self._waiting, {}
                 self._writing = rows
             written = self._write(rows)
@@ -113,8 +104,15 @@ class TrialRows:
                 self._put_back(rows)
             with self._changed:
                 self._writing = {}
-                if not written:  # tried again a while later
+                if written:
+                    continue
+                if not self._closing:  # tried again a while later, or at once when closing
                     self._changed.wait_for(lambda: self._closing, timeout=_RETRY_DELAY)
+                    continue
+                if time.monotonic() + delay > deadline:
+                    return
+            time.sleep(delay)
+            delay = min(2 * delay, 2.0)
 
     def _write(self, rows: dict[int, dict[str, Any]]) -> bool:
         """Write ``rows`` together; returns False when the database is away (they are to be
