@@ -24,7 +24,7 @@ import platform
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import optuna
@@ -37,7 +37,8 @@ sys.path.insert(0, str(ROOT))
 from service.experiment import load_experiment  # noqa: E402
 from service.runner import _FinishedTrials  # noqa: E402
 from service.search import make_pruner, make_sampler, suggest_schedule  # noqa: E402
-from service.studies import open_storage, shared_reads  # noqa: E402
+from service.studies import RetryingRDBStorage, open_storage, shared_reads  # noqa: E402
+from service.workers import claim_trial  # noqa: E402
 
 
 class WriteCommits:
@@ -58,11 +59,24 @@ class WriteCommits:
             self.count += 1
 
 
-def study_run(url: str, args: argparse.Namespace, *, held: bool) -> tuple[float, int, list]:
+def study_run(
+    url: str,
+    args: argparse.Namespace,
+    *,
+    held: bool,
+    setup: Callable[[RetryingRDBStorage], None] | None = None,
+    claim: bool = False,
+) -> tuple[float, int, list]:
+    """The Optuna side of a study (see above): its seconds, its commits that wrote, and its
+    trials. ``setup`` gets the storage first (another benchmark's side); with ``claim``, each
+    trial is taken as the runner takes it (``claim_trial``: the study's lock, the budget check
+    and the ask)."""
     experiment = load_experiment(ROOT / "experiments" / "digits.toml")
     storage = open_storage(url)
     if held:
         storage.defer_trial_writes()
+    if setup is not None:
+        setup(storage)
     commits = WriteCommits(storage.engine)
     study = optuna.create_study(
         study_name="bench",
@@ -77,8 +91,11 @@ def study_run(url: str, args: argparse.Namespace, *, held: bool) -> tuple[float,
     while started < args.trials or open_trials:
         while started < args.trials and len(open_trials) < args.pack:
             with shared_reads(storage):
-                study.get_trials(deepcopy=False)  # the budget check
-                trial = study.ask()
+                if claim:
+                    trial = claim_trial(study, storage, target=args.trials)
+                else:
+                    study.get_trials(deepcopy=False)  # the budget check
+                    trial = study.ask()
                 schedule = suggest_schedule(trial, experiment.knobs)
                 trial.set_user_attr("seed", started)
                 trial.set_user_attr("device", "cpu")

@@ -14,7 +14,7 @@ import time
 import warnings
 from collections import Counter
 from collections.abc import Callable, Container, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
@@ -28,6 +28,7 @@ from service.db.engine import UPSERTS, missing_file, safe_url, sqlite_file
 from service.deferred_writes import DeferredWrites, upsert
 from service.errors import StudyError
 from service.experiment import KNOBS, NAME_PATTERN, Experiment, restore_experiment
+from service.known_trials import KnownTrials
 from service.retry import describe, is_away, is_transient, retry_transient, tried_once
 from service.search import make_pruner, make_sampler
 
@@ -70,10 +71,32 @@ class RetryingRDBStorage(optuna.storages.RDBStorage):
     stale pooled connection is replaced before use, and a call that still fails because the
     database is away (restarting, say) is tried again for up to ``retry_seconds``.
 
-    Inside :func:`shared_reads`, reads of a study's trials share one query."""
+    Inside :func:`shared_reads`, reads of a study's trials share one query, and a trial read
+    right after this process made or finished it is not read again (:class:`KnownTrials`)."""
 
     retry_seconds: float = 60.0
     _deferred: DeferredWrites | None = None
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self._known = KnownTrials()
+        super().__init__(*args, **kwargs)
+
+    def get_trial(self, trial_id: int) -> FrozenTrial:
+        """Optuna's, tried again while the database is away; the read that follows this
+        process's make or finish of the trial is answered from what it wrote."""
+        known = self._known.answer(trial_id)
+        if known is not None:
+            return known
+        count = self._known.count(trial_id)  # before the flush: a write held after it counts
+        if self._deferred is not None:
+            self.flush()
+        trial = retry_transient(
+            lambda: optuna.storages.RDBStorage.get_trial(self, trial_id),
+            seconds=self.retry_seconds,
+            what="Optuna get_trial",
+        )
+        self._known.read(trial_id, count, trial)
+        return trial
 
     def defer_trial_writes(self, *, delay: float = 0.5) -> None:
         """From now on, hold the params, reports and user attributes of running trials and
@@ -184,8 +207,12 @@ class RetryingRDBStorage(optuna.storages.RDBStorage):
             optuna.storages.RDBStorage.set_trial_user_attr(self, trial_id, key, value)
             return
         row = {"trial_id": trial_id, "key": key, "value_json": json.dumps(value)}
-        with _create_scoped_session(self.scoped_session) as session:
-            upsert(session, _models.TrialUserAttributeModel, [row], keys=("trial_id", "key"))
+        self._known.touch(trial_id)
+        try:
+            with _create_scoped_session(self.scoped_session) as session:
+                upsert(session, _models.TrialUserAttributeModel, [row], keys=("trial_id", "key"))
+        finally:
+            self._known.touch(trial_id)
 
     def _flush_later(self, deferred: DeferredWrites) -> None:
         """Before the first write is held: a timer writes it (and what joins it) by ``delay``."""
@@ -258,7 +285,12 @@ class RetryingRDBStorage(optuna.storages.RDBStorage):
             log.warning("trial id %d was made by a try whose answer was lost", made)
             return self.get_trial(made)
 
-        return retry_transient(attempt, seconds=self.retry_seconds, what="creating a trial")
+        created = retry_transient(attempt, seconds=self.retry_seconds, what="creating a trial")
+        if claim is not None and created.state == TrialState.RUNNING:
+            # an ask's, read back at once; no other worker knows of it yet
+            claim.made.append(created._trial_id)
+            self._known.made(created)
+        return created
 
     def set_trial_state_values(
         self, trial_id: int, state: TrialState, values: Sequence[float] | None = None
@@ -306,9 +338,19 @@ class RetryingRDBStorage(optuna.storages.RDBStorage):
                 return False
             return True
 
-        done = retry_transient(attempt, seconds=self.retry_seconds, what="Optuna set_trial_state")
-        if done and state.is_finished() and self._deferred is not None:
-            self._deferred.finished(trial_id)  # a later write is refused, as Optuna's would be
+        try:
+            done = retry_transient(
+                attempt, seconds=self.retry_seconds, what="Optuna set_trial_state"
+            )
+        except BaseException:
+            self._known.touch(trial_id)
+            raise
+        if done and state.is_finished():
+            self._known.finished(trial_id, state=state, values=values, complete=now)
+            if self._deferred is not None:
+                self._deferred.finished(trial_id)  # a later write is refused, as Optuna's is
+        else:
+            self._known.touch(trial_id)
         return done
 
     @contextlib.contextmanager
@@ -322,10 +364,12 @@ class RetryingRDBStorage(optuna.storages.RDBStorage):
         the study has ``target`` trials not marked with the system attribute ``uncounted``."""
         claims = vars(_claims).setdefault("open", {})
         outer = claims.get(id(self))
-        claims[id(self)] = _Claim(key, target, uncounted, retried)
+        claims[id(self)] = claim = _Claim(key, target, uncounted, retried)
         try:
             yield
         finally:
+            for trial_id in claim.made:  # an answer its ask did not read back
+                self._known.discard(trial_id)
             if outer is None:
                 del claims[id(self)]
             else:
@@ -349,6 +393,7 @@ class _Claim:
     target: int
     uncounted: str
     retried: bool
+    made: list[int] = field(default_factory=list)  # the trials its creates made
 
 
 _claims = threading.local()  # .open: each storage's open claiming block, by id
@@ -573,8 +618,27 @@ _STORAGE_CALLS = [name for name in _DATABASE_CALLS if name not in vars(RetryingR
 _WRITES = {"_set_trial_param"} | {
     name for name in _DATABASE_CALLS if name.startswith(("create_", "delete_", "set_"))
 }
+# the writes to one trial, whose first argument is its id
+_TRIAL_WRITES = {name for name in _WRITES if name.startswith(("set_trial_", "_set_trial_"))} - {
+    "set_trial_state_values"
+}
 # held by a storage that defers them, and written before any other call
 _DEFERRED = {"_set_trial_param", "set_trial_intermediate_value", "set_trial_user_attr"}
+
+
+def _touching(call: Callable[..., Any]) -> Callable[..., Any]:
+    """A write to one trial: what the storage knew of the trial is not known any more,
+    before it and after it (:class:`KnownTrials`)."""
+
+    @functools.wraps(call)
+    def write(self: RetryingRDBStorage, trial_id: int, *args: Any, **kwargs: Any) -> Any:
+        self._known.touch(trial_id)
+        try:
+            return call(self, trial_id, *args, **kwargs)
+        finally:
+            self._known.touch(trial_id)
+
+    return write
 
 
 def _flushing(call: Callable[..., Any]) -> Callable[..., Any]:
@@ -593,9 +657,14 @@ for _name in _STORAGE_CALLS:
     setattr(RetryingRDBStorage, _name, _retrying(_name))
 for _name in sorted(_WRITES):
     setattr(RetryingRDBStorage, _name, _forgetting(getattr(RetryingRDBStorage, _name)))
+# (set_trial_state_values tells what it wrote itself)
+for _name in sorted(_TRIAL_WRITES):
+    setattr(RetryingRDBStorage, _name, _touching(getattr(RetryingRDBStorage, _name)))
 RetryingRDBStorage._get_trials = _sharing(RetryingRDBStorage._get_trials)  # type: ignore[method-assign]
 # (Optuna's cache creates trials through _create_new_trial: an ask, an enqueue, a requeue)
-for _name in sorted({*_DATABASE_CALLS, "_create_new_trial", "claimed_with"} - _DEFERRED):
+for _name in sorted(
+    {*_DATABASE_CALLS, "_create_new_trial", "claimed_with"} - _DEFERRED - {"get_trial"}
+):
     setattr(RetryingRDBStorage, _name, _flushing(getattr(RetryingRDBStorage, _name)))
 
 

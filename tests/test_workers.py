@@ -32,7 +32,12 @@ pytestmark = [pytest.mark.e2e, pytest.mark.postgres]
 STEPS = 60
 
 
-def experiment(*, steps: int = STEPS, trials: int = 8, pack: int = 2) -> str:
+def experiment(
+    *, steps: int = STEPS, trials: int = 8, pack: int = 2, eval_every: int | None = None
+) -> str:
+    """A small study; a test that must catch a trial mid-way gives it an early ``eval_every``
+    (its config and run are written by then), so that on a fast machine the window between
+    the first report and the trial's end is still most of the trial."""
     return f"""
 name = "workers"
 [data]
@@ -42,7 +47,7 @@ hidden = [16]
 [training]
 steps = {steps}
 batch_size = 32
-eval_every = {steps // 3}
+eval_every = {eval_every or steps // 3}
 [search]
 trials = {trials}
 seed = 5
@@ -246,7 +251,7 @@ def test_workers_share_one_study(cluster, workers):
 
 
 def test_a_killed_worker_trial_is_failed_and_retried(cluster):
-    cluster.launch(experiment(steps=3000, trials=3, pack=1))
+    cluster.launch(experiment(steps=3000, trials=3, pack=1, eval_every=100))
     doomed = cluster.start("doomed", "worker", cluster.name)
     victim = running_trial(cluster)
     doomed.send_signal(signal.SIGKILL)
@@ -269,7 +274,7 @@ def test_a_killed_worker_trial_is_failed_and_retried(cluster):
 
 
 def test_a_stopped_worker_requeues_its_trial_and_exits_143(cluster):
-    cluster.launch(experiment(steps=3000, trials=2, pack=1))
+    cluster.launch(experiment(steps=3000, trials=2, pack=1, eval_every=100))
     worker = cluster.start("stopped", "worker", cluster.name)
     victim = running_trial(cluster)
     worker.send_signal(signal.SIGTERM)

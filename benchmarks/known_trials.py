@@ -1,0 +1,120 @@
+"""A trial read back right after this process made or finished it: a query, or what it wrote.
+
+Optuna reads a trial three times in its ask and tell: the ask makes the trial and reads it back,
+the tell reads it, finishes it and reads it again. `RetryingRDBStorage` answers the read after
+a make or a finish from what it wrote (`service/known_trials.py`). Here the Optuna side of a
+study runs as the runner drives it (`trial_writes.study_run`: trials taken with `claim_trial`,
+writes held, `--pack` trials open, `--reports` reports each), with the answers and with every
+read going to the database, on fresh databases, alternately for ``--repeats``; prints the
+milliseconds of Optuna work per trial, the trial reads that queried, and the ratio. Both must
+leave the same trials (checked).
+
+    .venv/bin/python benchmarks/known_trials.py [--trials 256] [--pack 8] [--reports 10]
+        [--repeats 3] [--postgres postgresql+psycopg://USER@HOST/DB]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sys
+import tempfile
+from pathlib import Path
+
+import optuna
+import sqlalchemy
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.trial_writes import fresh_database, study_run  # noqa: E402
+from service.known_trials import KnownTrials  # noqa: E402
+from service.studies import RetryingRDBStorage  # noqa: E402
+
+
+class NoAnswers(KnownTrials):
+    """The baseline: every read of a trial is a query."""
+
+    def answer(self, trial_id: int) -> None:
+        return None
+
+
+class Queries:
+    """Counts Optuna's reads of one trial that reached the database."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self._read = optuna.storages.RDBStorage.get_trial
+
+    def __enter__(self) -> Queries:
+        def counted(storage: optuna.storages.RDBStorage, trial_id: int):
+            self.count += 1
+            return self._read(storage, trial_id)
+
+        optuna.storages.RDBStorage.get_trial = counted  # type: ignore[method-assign]
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        optuna.storages.RDBStorage.get_trial = self._read  # type: ignore[method-assign]
+
+
+def without_answers(storage: RetryingRDBStorage) -> None:
+    storage._known = NoAnswers()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--trials", type=int, default=256)
+    parser.add_argument("--pack", type=int, default=8)
+    parser.add_argument("--reports", type=int, default=10)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--postgres", help="a PostgreSQL URL whose user may create databases")
+    args = parser.parse_args()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    print(
+        f"{platform.processor() or platform.machine()}, {os.cpu_count()} cpus, optuna "
+        f"{optuna.__version__}, sqlalchemy {sqlalchemy.__version__}; {args.trials} trials, "
+        f"{args.pack} open at a time, {args.reports} reports each"
+    )
+    kinds = ["sqlite"] + (["postgresql"] if args.postgres else [])
+    with tempfile.TemporaryDirectory() as tmp:
+        for kind in kinds:
+            best: dict[bool, tuple[float, int]] = {}
+            for repeat in range(args.repeats):
+                runs = {}
+                for answered in (False, True):
+                    label = f"{repeat}_{int(answered)}"
+                    setup = None if answered else without_answers
+                    with (
+                        fresh_database(kind, Path(tmp), label, args.postgres) as url,
+                        Queries() as queries,
+                    ):
+                        seconds, _, trials = study_run(
+                            url, args, held=True, setup=setup, claim=True
+                        )
+                    runs[answered] = trials
+                    name = "answered" if answered else "queried "
+                    print(
+                        f"  {kind:10} {name}: {seconds:6.2f} s "
+                        f"({1000 * seconds / args.trials:5.1f} ms a trial), "
+                        f"{queries.count / args.trials:.2f} trial reads a trial",
+                        flush=True,
+                    )
+                    if answered not in best or seconds < best[answered][0]:
+                        best[answered] = (seconds, queries.count)
+                if runs[False] != runs[True]:
+                    sys.exit(f"{kind}: the answered reads left other trials than the queries")
+            (before, before_q), (after, after_q) = best[False], best[True]
+            print(
+                f"{kind}, best of {args.repeats}: every read queried {before:.2f} s, answered "
+                f"{after:.2f} s: {before / after:.2f}x; "
+                f"{1000 * (before - after) / args.trials:.1f} ms less a trial; trial reads "
+                f"{before_q / args.trials:.2f} -> {after_q / args.trials:.2f} a trial; "
+                "same trials: yes",
+                flush=True,
+            )
+
+
+if __name__ == "__main__":
+    main()
