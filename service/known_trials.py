@@ -21,18 +21,25 @@ __all__ = ["KnownTrials"]
 class KnownTrials:
     """One storage's trials as last read, and the answers for their next reads.
 
-    Every write to a trial through the storage, from any thread, counts (:meth:`touch`,
-    before and after it), so a read that another write may have overtaken is never used: a
-    read is kept with the count it started under, and is used only while the count is
-    unchanged. Other processes do not change the trials answered for: a trial this process
-    just made, which no other worker knows of until it reads it, and a trial this process
-    finished, which the database then refuses to change (Optuna's rule; this process's own
-    notes count as writes). Between the tell's read of a running trial and its finish,
-    another worker changes it only by failing it (a reaper), and then the finish is refused."""
+    Only this process's own trials are answered for (those it made or took from the queue):
+    other workers write only to theirs. Every write to a trial through the storage, from any
+    thread, counts (:meth:`touch`, before and after it), so a read that another write may have
+    overtaken is never used: a read is kept with the count it started under, and is used only
+    while the count is unchanged. Between the tell's read of a running trial and its finish,
+    another worker changes it only by failing it (a reaper), and then the finish is refused. A
+    finished trial the database refuses to change (Optuna's rule; this process's own notes
+    count as writes).
 
-    def __init__(self) -> None:
+    Keeps a count per trial touched (an int, beside the whole trials Optuna's cache keeps), a
+    copy of each own running trial's last read, and answers until they are read or touched.
+    With ``enabled`` false (a dialect whose stored datetimes or writes may differ from what
+    was written), nothing is answered."""
+
+    def __init__(self, *, enabled: bool = True) -> None:
+        self.enabled = enabled
         self._lock = threading.Lock()
         self._writes: dict[int, int] = {}  # trial id -> writes counted
+        self._mine: set[int] = set()  # running trials this process made or took
         self._reads: dict[int, tuple[int, FrozenTrial]] = {}  # trial id -> (count, the read)
         self._answers: dict[int, FrozenTrial] = {}  # trial id -> its next read
 
@@ -42,11 +49,15 @@ class KnownTrials:
             return self._writes.get(trial_id, 0)
 
     def read(self, trial_id: int, count: int, trial: FrozenTrial) -> None:
-        """A read of the trial that started when :meth:`count` was ``count``; kept unless a
-        write was counted since."""
+        """A read of the trial that started when :meth:`count` was ``count``; a copy is kept,
+        for its finish, when it is this process's running trial and no write was counted
+        since."""
+        if trial_id not in self._mine or trial.state.is_finished():
+            return
+        kept = copy.deepcopy(trial)  # what the caller does with its read is not the database's
         with self._lock:
             if self._writes.get(trial_id, 0) == count:
-                self._reads[trial_id] = (count, trial)
+                self._reads[trial_id] = (count, kept)
 
     def touch(self, trial_id: int) -> None:
         """A write to the trial starts or ended: what was known of it is not any more."""
@@ -55,10 +66,22 @@ class KnownTrials:
             self._reads.pop(trial_id, None)
             self._answers.pop(trial_id, None)
 
-    def made(self, trial: FrozenTrial) -> None:
-        """The trial was just made as it is: its next read is answered with it."""
-        with self._lock:
-            self._answers[trial._trial_id] = copy.deepcopy(trial)
+    def taken(self, trial_id: int) -> None:
+        """The trial is this process's: it took it from the queue (its state now RUNNING)."""
+        self.touch(trial_id)
+        if self.enabled:
+            with self._lock:
+                self._mine.add(trial_id)
+
+    def made(self, trial: FrozenTrial, *, answer: bool) -> None:
+        """This process made the trial, running, as it is; with ``answer``, its next read is
+        answered with it (an ask's, read back at once, before any other worker knows of it).
+        Touched first: an id a deleted study's trial had (SQLite reuses them) knows nothing."""
+        trial_id = trial._trial_id
+        self.taken(trial_id)
+        if self.enabled and answer:
+            with self._lock:
+                self._answers[trial_id] = copy.deepcopy(trial)
 
     def finished(
         self,
@@ -69,15 +92,17 @@ class KnownTrials:
         complete: datetime,
     ) -> None:
         """The trial was finished with ``state``, ``values`` and ``complete`` (its
-        ``datetime_complete``): when the last read of it was not overtaken by another write,
-        that read so finished answers its next read."""
+        ``datetime_complete``): when it is this process's and its last read was not overtaken
+        by another write, that read so finished answers its next read."""
         with self._lock:
             count = self._writes.get(trial_id, 0)
             last = self._reads.pop(trial_id, None)
             self._writes[trial_id] = count + 1  # other threads' reads started before are stale
+            self._mine.discard(trial_id)
+            self._answers.pop(trial_id, None)
             if last is None or last[0] != count:
                 return
-            trial = copy.deepcopy(last[1])
+            trial = last[1]
             trial.state = state
             trial.values = None if values is None else [float(v) for v in values]
             trial.datetime_complete = complete

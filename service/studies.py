@@ -78,18 +78,21 @@ class RetryingRDBStorage(optuna.storages.RDBStorage):
     _deferred: DeferredWrites | None = None
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
-        self._known = KnownTrials()
+        self._known = KnownTrials(enabled=False)
         super().__init__(*args, **kwargs)
+        # elsewhere a database's stored datetimes may differ from what was written (MySQL's
+        # whole seconds), and annotate_trial is Optuna's own write
+        self._known.enabled = self.engine.dialect.name in UPSERTS
 
     def get_trial(self, trial_id: int) -> FrozenTrial:
         """Optuna's, tried again while the database is away; the read that follows this
         process's make or finish of the trial is answered from what it wrote."""
+        count = self._known.count(trial_id)  # before the flush: a write held after it counts
+        if self._deferred is not None:
+            self.flush()  # what is held goes before any call, an answered one too
         known = self._known.answer(trial_id)
         if known is not None:
             return known
-        count = self._known.count(trial_id)  # before the flush: a write held after it counts
-        if self._deferred is not None:
-            self.flush()
         trial = retry_transient(
             lambda: optuna.storages.RDBStorage.get_trial(self, trial_id),
             seconds=self.retry_seconds,
@@ -203,12 +206,12 @@ class RetryingRDBStorage(optuna.storages.RDBStorage):
         the fact (the MLflow run of a trial that ended before its run was created), which
         Optuna's :meth:`set_trial_user_attr` refuses for a finished trial. Other dialects than
         SQLite and PostgreSQL get Optuna's write, refusal included."""
-        if self.engine.dialect.name not in UPSERTS:
-            optuna.storages.RDBStorage.set_trial_user_attr(self, trial_id, key, value)
-            return
-        row = {"trial_id": trial_id, "key": key, "value_json": json.dumps(value)}
         self._known.touch(trial_id)
         try:
+            if self.engine.dialect.name not in UPSERTS:
+                optuna.storages.RDBStorage.set_trial_user_attr(self, trial_id, key, value)
+                return
+            row = {"trial_id": trial_id, "key": key, "value_json": json.dumps(value)}
             with _create_scoped_session(self.scoped_session) as session:
                 upsert(session, _models.TrialUserAttributeModel, [row], keys=("trial_id", "key"))
         finally:
@@ -286,10 +289,13 @@ class RetryingRDBStorage(optuna.storages.RDBStorage):
             return self.get_trial(made)
 
         created = retry_transient(attempt, seconds=self.retry_seconds, what="creating a trial")
-        if claim is not None and created.state == TrialState.RUNNING:
-            # an ask's, read back at once; no other worker knows of it yet
+        if created.state != TrialState.RUNNING:  # queued: another worker may take it
+            self._known.touch(created._trial_id)
+        elif claim is not None:  # an ask's, read back at once; no other worker knows of it yet
             claim.made.append(created._trial_id)
-            self._known.made(created)
+            self._known.made(created, answer=True)
+        else:
+            self._known.made(created, answer=False)
         return created
 
     def set_trial_state_values(
@@ -349,6 +355,8 @@ class RetryingRDBStorage(optuna.storages.RDBStorage):
             self._known.finished(trial_id, state=state, values=values, complete=now)
             if self._deferred is not None:
                 self._deferred.finished(trial_id)  # a later write is refused, as Optuna's is
+        elif done and state == TrialState.RUNNING:  # popped from the queue: this worker's
+            self._known.taken(trial_id)
         else:
             self._known.touch(trial_id)
         return done

@@ -67,20 +67,21 @@ def test_the_runners_reads_after_an_ask_and_a_tell_are_answered_as_the_database_
 
 
 @pytest.mark.parametrize(
-    "between",
+    ("between", "queried"),
     [
-        "nothing",
-        "a note of this process (the outbox's run id)",
-        "a held report",
-        "a param write",
-        "a second finish by another worker",
+        ("nothing", 0),
+        ("a note of this process (the outbox's run id)", 1),
+        ("a held report", 1),
+        ("a param write", 1),
+        ("a second finish by another worker", 1),
     ],
 )
 def test_a_finish_answers_its_next_read_only_with_nothing_written_since_the_read(
-    storage_url, between
+    storage_url, monkeypatch, between, queried
 ):
     """The tell's read, then a write to the trial, then its finish: the read that follows
-    the finish equals the database's, whichever write came in between."""
+    the finish equals the database's, whichever write came in between, and is a query
+    unless nothing did."""
     storage, other = open_storage(storage_url), open_storage(storage_url)
     storage.defer_trial_writes()
     study = optuna.create_study(study_name="s", storage=storage)
@@ -101,8 +102,31 @@ def test_a_finish_answers_its_next_read_only_with_nothing_written_since_the_read
             storage.set_trial_state_values(trial_id, TrialState.COMPLETE, [0.5])
     else:
         assert storage.set_trial_state_values(trial_id, TrialState.COMPLETE, [0.5])
+    queries = TrialQueries(monkeypatch, storage)
     assert storage.get_trial(trial_id) == other.get_trial(trial_id)
+    assert queries.count == queried
     # a note made after the finish (a run created late) is in the next read too
     storage.annotate_trial(trial_id, "late", True)
     assert storage.get_trial(trial_id) == other.get_trial(trial_id)
     assert storage.get_trial(trial_id).user_attrs["late"] is True
+
+
+def test_a_trial_of_another_worker_is_read_from_the_database_after_this_one_fails_it(
+    storage_url, monkeypatch
+):
+    """A reaper fails another worker's trial and reads it to queue it again: that worker
+    wrote to it since this process last read it, out of this process's sight, so the read
+    after the fail is a query, and has that worker's writes."""
+    reaper, worker = open_storage(storage_url), open_storage(storage_url)
+    optuna.create_study(study_name="s", storage=worker)
+    study = optuna.load_study(study_name="s", storage=worker)
+    trial = study.ask()
+    trial.suggest_float("x", 0.0, 1.0)
+    reaper.get_trial(trial._trial_id)  # a read of the reaper's, before that worker reports
+    trial.report(0.5, step=3)
+    queries = TrialQueries(monkeypatch, reaper)
+    assert reaper.set_trial_state_values(trial._trial_id, TrialState.FAIL)
+    failed = reaper.get_trial(trial._trial_id)
+    assert queries.count == 1
+    assert failed == worker.get_trial(trial._trial_id)
+    assert failed.intermediate_values == {3: 0.5} and failed.state == TrialState.FAIL

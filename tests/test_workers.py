@@ -232,7 +232,9 @@ def check_study(c: Cluster, *, complete: int, steps: int = STEPS) -> list[optuna
 def test_workers_share_one_study(cluster, workers):
     # The workers are up and waiting before the study is launched, with their threads set (no
     # probe): started with it, one worker once finished all 60-step trials while another was
-    # still starting, and nothing was left to share.
+    # still starting, and nothing was left to share. Each notices the launch within its 2 s
+    # poll and then sets up for a few seconds: on a fast machine one worker alone once did
+    # all 600-step trials in that time, so the trials are long enough to outlast it.
     procs = [
         cluster.start(f"w{i}", "worker", cluster.name, "--wait", HPO_CPU_THREADS="1")
         for i in range(workers)
@@ -241,10 +243,10 @@ def test_workers_share_one_study(cluster, workers):
     while not all("waiting for study" in cluster.log(f"w{i}") for i in range(workers)):
         assert all(p.poll() is None for p in procs) and time.monotonic() < deadline, cluster.logs()
         time.sleep(0.2)
-    cluster.launch(experiment(steps=600, trials=8))
+    cluster.launch(experiment(steps=2000, trials=8))
     for i, proc in enumerate(procs):
         assert proc.wait(timeout=300) == 0, cluster.log(f"w{i}")
-    trials = check_study(cluster, complete=8, steps=600)
+    trials = check_study(cluster, complete=8, steps=2000)
     assert len(trials) == 8, "exactly the requested trials, no more"
     done_by = [cluster.log(f"w{i}").count(" complete") for i in range(workers)]
     assert sum(1 for n in done_by if n) >= 2, f"the work was shared\n{cluster.logs()}"
