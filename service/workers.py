@@ -172,11 +172,16 @@ def stale_trials(
     - the trials in ``alive``, this worker's own, whose beats were late because the database
       was away, not because it died;
     - every trial while this process saw the database away within the grace period: after an
-      outage all beats are late, and live workers beat again within an interval of its return.
+      outage all beats are late, and live workers beat again within an interval of its return;
+    - every trial while the database server started within the grace period (PostgreSQL): a
+      worker started after a restart did not see the outage, but the server tells of it.
 
     Another worker that gets to a trial first fails it instead."""
     interval = storage.get_heartbeat_interval()
-    if interval is None or away_within(storage.grace_period or 2 * interval):
+    if interval is None:
+        return
+    grace = storage.grace_period or 2 * interval
+    if away_within(grace) or _server_started_within(storage, grace):
         return
     for trial_id in storage._get_stale_trial_ids(study_id):
         if trial_id in alive:
@@ -184,6 +189,24 @@ def stale_trials(
         with suppress(optuna.exceptions.UpdateFinishedTrialError):
             if storage.set_trial_state_values(trial_id, state=TrialState.FAIL):
                 yield storage.get_trial(trial_id)
+
+
+def _server_started_within(storage: optuna.storages.RDBStorage, seconds: float) -> bool:
+    """Whether the database server started less than ``seconds`` ago, by its own clock, which
+    its heartbeats are stamped with (PostgreSQL; other databases do not say)."""
+    if storage.engine.dialect.name != "postgresql":
+        return False
+
+    def uptime() -> float:
+        with storage.engine.connect() as conn:
+            return float(
+                conn.execute(
+                    sqlalchemy.text("SELECT EXTRACT(EPOCH FROM now() - pg_postmaster_start_time())")
+                ).scalar_one()
+            )
+
+    retrying = getattr(storage, "retry_seconds", 0.0)
+    return retry_transient(uptime, seconds=retrying, what="the server's uptime") < seconds
 
 
 def tell_unless_finished(study: optuna.Study, trial: optuna.Trial, **outcome: Any) -> FrozenTrial:

@@ -159,6 +159,47 @@ def test_a_worker_that_saw_the_database_away_waits_a_grace_before_reaping(storag
     assert study.trials[live.number].state == TrialState.RUNNING
 
 
+@pytest.mark.filterwarnings("ignore:Heartbeat of storage:UserWarning")
+def test_a_worker_started_after_the_database_restarted_waits_a_grace_from_the_restart(
+    postgres_url, monkeypatch
+):
+    """A worker started after an outage never saw it, but a PostgreSQL server that started
+    within the grace period tells of it: no late trial is failed until the grace has passed
+    since the server's start (live workers beat again meanwhile). A late beat from before
+    that is a dead worker's."""
+    monkeypatch.setattr(retry, "_last_away", float("-inf"))  # this process saw no outage
+
+    def uptime() -> float:
+        with storage.engine.connect() as conn:
+            return float(
+                conn.execute(
+                    sa.text("SELECT EXTRACT(EPOCH FROM now() - pg_postmaster_start_time())")
+                ).scalar_one()
+            )
+
+    storage = open_storage(postgres_url, heartbeat_interval=1)
+    time.sleep(max(0.0, 2.5 - uptime()))  # (a test may have restarted it just now)
+    up = uptime()
+    study = optuna.create_study(study_name="s", storage=storage)
+    trial = study.ask()
+    storage.record_heartbeat(trial._trial_id)
+    with storage.engine.begin() as conn:  # its last beat: before the server started
+        conn.execute(
+            sa.text(
+                "UPDATE trial_heartbeats SET heartbeat = heartbeat - make_interval(secs => :s)"
+            ),
+            {"s": up + 100},
+        )
+    # a grace that the server has not outlived: it restarted within it
+    storage.grace_period = int(up) + 60
+    assert list(stale_trials(storage, study._study_id)) == []
+    assert study.trials[trial.number].state == TrialState.RUNNING
+    # a grace it has outlived: the beat is a dead worker's
+    storage.grace_period = 2
+    assert [t.number for t in stale_trials(storage, study._study_id)] == [trial.number]
+    storage.engine.dispose()
+
+
 def test_a_busy_database_is_not_away_a_refused_connection_is(tmp_path, monkeypatch):
     """Only a lost or refused connection holds reaping back: a lock wait (SQLite's "database
     is locked", a PostgreSQL deadlock) is retried, but the database is there."""
