@@ -174,18 +174,20 @@ def stale_trials(
     - every trial while this process saw the database away within the grace period: after an
       outage all beats are late, and live workers beat again within an interval of its return;
     - every trial while the database server started within the grace period (PostgreSQL): a
-      worker started after a restart did not see the outage, but the server tells of it.
+      worker started after a restart did not see the outage, but the server tells of it. Not
+      seen this way: a failover to a standby, or a crash recovery longer than the grace less
+      an interval (the count starts with the server's process, before it takes connections).
 
+    Both are checked after the query for late trials, so that a failure of that query counts.
     Another worker that gets to a trial first fails it instead."""
     interval = storage.get_heartbeat_interval()
     if interval is None:
         return
     grace = storage.grace_period or 2 * interval
-    if away_within(grace) or _server_started_within(storage, grace):
+    late = [i for i in storage._get_stale_trial_ids(study_id) if i not in alive]
+    if not late or away_within(grace) or _server_started_within(storage, grace):
         return
-    for trial_id in storage._get_stale_trial_ids(study_id):
-        if trial_id in alive:
-            continue
+    for trial_id in late:
         with suppress(optuna.exceptions.UpdateFinishedTrialError):
             if storage.set_trial_state_values(trial_id, state=TrialState.FAIL):
                 yield storage.get_trial(trial_id)
@@ -206,7 +208,14 @@ def _server_started_within(storage: optuna.storages.RDBStorage, seconds: float) 
             )
 
     retrying = getattr(storage, "retry_seconds", 0.0)
-    return retry_transient(uptime, seconds=retrying, what="the server's uptime") < seconds
+    try:
+        return retry_transient(uptime, seconds=retrying, what="the server's uptime") < seconds
+    except sqlalchemy.exc.DBAPIError as exc:
+        if is_transient(exc):
+            raise
+        # a server that speaks PostgreSQL's protocol without the function: not known
+        log.debug("the database server's start is not known: %s", describe(exc))
+        return False
 
 
 def tell_unless_finished(study: optuna.Study, trial: optuna.Trial, **outcome: Any) -> FrozenTrial:

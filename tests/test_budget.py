@@ -159,6 +159,7 @@ def test_a_worker_that_saw_the_database_away_waits_a_grace_before_reaping(storag
     assert study.trials[live.number].state == TrialState.RUNNING
 
 
+@pytest.mark.postgres
 @pytest.mark.filterwarnings("ignore:Heartbeat of storage:UserWarning")
 def test_a_worker_started_after_the_database_restarted_waits_a_grace_from_the_restart(
     postgres_url, monkeypatch
@@ -178,26 +179,28 @@ def test_a_worker_started_after_the_database_restarted_waits_a_grace_from_the_re
             )
 
     storage = open_storage(postgres_url, heartbeat_interval=1)
-    time.sleep(max(0.0, 2.5 - uptime()))  # (a test may have restarted it just now)
-    up = uptime()
-    study = optuna.create_study(study_name="s", storage=storage)
-    trial = study.ask()
-    storage.record_heartbeat(trial._trial_id)
-    with storage.engine.begin() as conn:  # its last beat: before the server started
-        conn.execute(
-            sa.text(
-                "UPDATE trial_heartbeats SET heartbeat = heartbeat - make_interval(secs => :s)"
-            ),
-            {"s": up + 100},
-        )
-    # a grace that the server has not outlived: it restarted within it
-    storage.grace_period = int(up) + 60
-    assert list(stale_trials(storage, study._study_id)) == []
-    assert study.trials[trial.number].state == TrialState.RUNNING
-    # a grace it has outlived: the beat is a dead worker's
-    storage.grace_period = 2
-    assert [t.number for t in stale_trials(storage, study._study_id)] == [trial.number]
-    storage.engine.dispose()
+    try:
+        time.sleep(max(0.0, 2.5 - uptime()))  # (a test may have restarted it just now)
+        up = uptime()
+        study = optuna.create_study(study_name="s", storage=storage)
+        trial = study.ask()
+        storage.record_heartbeat(trial._trial_id)
+        with storage.engine.begin() as conn:  # its last beat: before the server started
+            conn.execute(
+                sa.text(
+                    "UPDATE trial_heartbeats SET heartbeat = heartbeat - make_interval(secs => :s)"
+                ),
+                {"s": up + 100},
+            )
+        # a grace that the server has not outlived: it restarted within it
+        storage.grace_period = int(up) + 60
+        assert list(stale_trials(storage, study._study_id)) == []
+        assert study.trials[trial.number].state == TrialState.RUNNING
+        # a grace it has outlived: the beat is a dead worker's
+        storage.grace_period = 2
+        assert [t.number for t in stale_trials(storage, study._study_id)] == [trial.number]
+    finally:
+        storage.engine.dispose()
 
 
 def test_a_busy_database_is_not_away_a_refused_connection_is(tmp_path, monkeypatch):
