@@ -15,20 +15,16 @@ queried, and the ratio. Both must leave the same trials (checked).
 
 from __future__ import annotations
 
-import argparse
-import os
-import platform
 import sys
 import tempfile
 from pathlib import Path
 
 import optuna
-import sqlalchemy
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.trial_writes import fresh_database, study_run  # noqa: E402
+from benchmarks.trial_writes import fresh_database, study_arguments, study_run  # noqa: E402
 from service.known_trials import KnownTrials  # noqa: E402
 from service.studies import RetryingRDBStorage  # noqa: E402
 
@@ -58,19 +54,7 @@ def without_answers(storage: RetryingRDBStorage) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--trials", type=int, default=256)
-    parser.add_argument("--pack", type=int, default=8)
-    parser.add_argument("--reports", type=int, default=10)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--postgres", help="a PostgreSQL URL whose user may create databases")
-    args = parser.parse_args()
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    print(
-        f"{platform.processor() or platform.machine()}, {os.cpu_count()} cpus, optuna "
-        f"{optuna.__version__}, sqlalchemy {sqlalchemy.__version__}; {args.trials} trials, "
-        f"{args.pack} open at a time, {args.reports} reports each"
-    )
+    args = study_arguments(__doc__)
     kinds = ["sqlite"] + (["postgresql"] if args.postgres else [])
     with tempfile.TemporaryDirectory() as tmp:
         for kind in kinds:

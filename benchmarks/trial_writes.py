@@ -142,8 +142,10 @@ def fresh_database(kind: str, tmp: Path, label: str, postgres: str | None) -> It
         admin.dispose()
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def study_arguments(description: str) -> argparse.Namespace:
+    """The options of a benchmark built on :func:`study_run` (``description``: its module's
+    docstring), parsed; Optuna quieted and the machine and study printed."""
+    parser = argparse.ArgumentParser(description=description.splitlines()[0])
     parser.add_argument("--trials", type=int, default=256)
     parser.add_argument("--pack", type=int, default=8)
     parser.add_argument("--reports", type=int, default=10)
@@ -156,6 +158,11 @@ def main() -> None:
         f"{optuna.__version__}, sqlalchemy {sqlalchemy.__version__}; {args.trials} trials, "
         f"{args.pack} open at a time, {args.reports} reports each"
     )
+    return args
+
+
+def main() -> None:
+    args = study_arguments(__doc__)
     kinds = ["sqlite"] + (["postgresql"] if args.postgres else [])
     with tempfile.TemporaryDirectory() as tmp:
         for kind in kinds:
