@@ -24,28 +24,30 @@ import optuna
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import service.studies  # noqa: E402
 from benchmarks.trial_writes import fresh_database, study_arguments, study_run  # noqa: E402
 from service.known_trials import KnownTrials  # noqa: E402
 from service.studies import RetryingRDBStorage  # noqa: E402
 
 
 class Queries:
-    """Counts Optuna's reads of one trial that reached the database."""
+    """Counts the reads of one trial that reached the database (``get_trial``'s
+    ``read_trial``)."""
 
     def __init__(self) -> None:
         self.count = 0
-        self._read = optuna.storages.RDBStorage.get_trial
+        self._read = service.studies.read_trial
 
     def __enter__(self) -> Queries:
         def counted(storage: optuna.storages.RDBStorage, trial_id: int):
             self.count += 1
             return self._read(storage, trial_id)
 
-        optuna.storages.RDBStorage.get_trial = counted  # type: ignore[method-assign]
+        service.studies.read_trial = counted
         return self
 
     def __exit__(self, *_exc: object) -> None:
-        optuna.storages.RDBStorage.get_trial = self._read  # type: ignore[method-assign]
+        service.studies.read_trial = self._read
 
 
 def without_answers(storage: RetryingRDBStorage) -> None:

@@ -31,6 +31,7 @@ from service.experiment import KNOBS, NAME_PATTERN, Experiment, restore_experime
 from service.known_trials import KnownTrials
 from service.retry import describe, is_away, is_transient, retry_transient, tried_once
 from service.search import make_pruner, make_sampler
+from service.trial_reads import read_trial, read_trials
 
 __all__ = [
     "ATTR_EXPERIMENT",
@@ -71,8 +72,9 @@ class RetryingRDBStorage(optuna.storages.RDBStorage):
     stale pooled connection is replaced before use, and a call that still fails because the
     database is away (restarting, say) is tried again for up to ``retry_seconds``.
 
-    Inside :func:`shared_reads`, reads of a study's trials share one query, and a trial read
-    right after this process made or finished it is not read again (:class:`KnownTrials`)."""
+    Trials are read as Optuna reads them, at less cost (:mod:`service.trial_reads`). Inside
+    :func:`shared_reads`, reads of a study's trials share one query, and a trial read right
+    after this process made or finished it is not read again (:class:`KnownTrials`)."""
 
     retry_seconds: float = 60.0
     _deferred: DeferredWrites | None = None
@@ -94,12 +96,31 @@ class RetryingRDBStorage(optuna.storages.RDBStorage):
         if known is not None:
             return known
         trial = retry_transient(
-            lambda: optuna.storages.RDBStorage.get_trial(self, trial_id),
-            seconds=self.retry_seconds,
-            what="Optuna get_trial",
+            lambda: read_trial(self, trial_id), seconds=self.retry_seconds, what="reading a trial"
         )
         self._known.read(trial_id, count, trial)
         return trial
+
+    def _get_trials(
+        self,
+        study_id: int,
+        states: Container[TrialState] | None,
+        included_trial_ids: set[int],
+        trial_id_greater_than: int,
+    ) -> list[FrozenTrial]:
+        """Optuna's (through its cache, every read of a study's trials), tried again while the
+        database is away."""
+        return retry_transient(
+            lambda: read_trials(
+                self,
+                study_id,
+                states=states,
+                included=included_trial_ids,
+                greater_than=trial_id_greater_than,
+            ),
+            seconds=self.retry_seconds,
+            what="reading trials",
+        )
 
     def defer_trial_writes(self, *, delay: float = 0.5) -> None:
         """From now on, hold the params, reports and user attributes of running trials and

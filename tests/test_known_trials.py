@@ -7,6 +7,7 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
+import service.studies
 from service.studies import RetryingRDBStorage, open_storage
 from service.workers import claim_trial
 
@@ -19,18 +20,18 @@ def _quiet_optuna():
 
 
 class TrialQueries:
-    """Counts Optuna's reads of one trial (``RDBStorage.get_trial``) that ``storage`` sends
+    """Counts the reads of one trial (``get_trial``'s ``read_trial``) that ``storage`` sends
     to its database: each still runs."""
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch, storage: RetryingRDBStorage) -> None:
         self.count = 0
-        read = optuna.storages.RDBStorage.get_trial
+        read = service.studies.read_trial
 
         def counted(by: optuna.storages.RDBStorage, trial_id: int):
             self.count += by is storage
             return read(by, trial_id)
 
-        monkeypatch.setattr(optuna.storages.RDBStorage, "get_trial", counted)
+        monkeypatch.setattr(service.studies, "read_trial", counted)
 
 
 def test_the_runners_reads_after_an_ask_and_a_tell_are_answered_as_the_database_holds(
