@@ -16,7 +16,6 @@ queried, and the ratio. Both must leave the same trials (checked).
 from __future__ import annotations
 
 import sys
-import tempfile
 from pathlib import Path
 
 import optuna
@@ -25,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import service.studies  # noqa: E402
-from benchmarks.trial_writes import fresh_database, study_arguments, study_run  # noqa: E402
+from benchmarks.trial_writes import side_by_side, study_arguments, study_run  # noqa: E402
 from service.known_trials import KnownTrials  # noqa: E402
 from service.studies import RetryingRDBStorage  # noqa: E402
 
@@ -57,44 +56,15 @@ def without_answers(storage: RetryingRDBStorage) -> None:
 
 def main() -> None:
     args = study_arguments(__doc__)
-    kinds = ["sqlite"] + (["postgresql"] if args.postgres else [])
-    with tempfile.TemporaryDirectory() as tmp:
-        for kind in kinds:
-            best: dict[bool, tuple[float, int]] = {}
-            for repeat in range(args.repeats):
-                runs = {}
-                # alternately first: neither side always runs on a colder machine
-                for answered in (False, True) if repeat % 2 == 0 else (True, False):
-                    label = f"{repeat}_{int(answered)}"
-                    setup = None if answered else without_answers
-                    with (
-                        fresh_database(kind, Path(tmp), label, args.postgres) as url,
-                        Queries() as queries,
-                    ):
-                        seconds, _, trials = study_run(
-                            url, args, held=True, setup=setup, claim=True
-                        )
-                    runs[answered] = trials
-                    name = "answered" if answered else "queried "
-                    print(
-                        f"  {kind:10} {name}: {seconds:6.2f} s "
-                        f"({1000 * seconds / args.trials:5.1f} ms a trial), "
-                        f"{queries.count / args.trials:.2f} trial reads a trial",
-                        flush=True,
-                    )
-                    if answered not in best or seconds < best[answered][0]:
-                        best[answered] = (seconds, queries.count)
-                if runs[False] != runs[True]:
-                    sys.exit(f"{kind}: the answered reads left other trials than the queries")
-            (before, before_q), (after, after_q) = best[False], best[True]
-            print(
-                f"{kind}, best of {args.repeats}: every read queried {before:.2f} s, answered "
-                f"{after:.2f} s: {before / after:.2f}x; "
-                f"{1000 * (before - after) / args.trials:.1f} ms less a trial; trial reads "
-                f"{before_q / args.trials:.2f} -> {after_q / args.trials:.2f} a trial; "
-                "same trials: yes",
-                flush=True,
+
+    def run(url: str, answered: bool) -> tuple[float, int, list]:
+        with Queries() as queries:
+            seconds, _, trials = study_run(
+                url, args, held=True, setup=None if answered else without_answers, claim=True
             )
+        return seconds, queries.count, trials
+
+    side_by_side(args, ("every read queried", "answered"), run, counted="trial reads")
 
 
 if __name__ == "__main__":

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import sys
-import tempfile
 from collections.abc import Container, Iterable, Iterator
 from pathlib import Path
 
@@ -28,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import service.studies  # noqa: E402
-from benchmarks.trial_writes import fresh_database, study_arguments, study_run  # noqa: E402
+from benchmarks.trial_writes import side_by_side, study_arguments, study_run  # noqa: E402
 
 
 def _orm_trials(
@@ -62,34 +61,12 @@ def reads(core: bool) -> Iterator[None]:
 
 def main() -> None:
     args = study_arguments(__doc__)
-    kinds = ["sqlite"] + (["postgresql"] if args.postgres else [])
-    with tempfile.TemporaryDirectory() as tmp:
-        for kind in kinds:
-            best: dict[bool, float] = {}
-            for repeat in range(args.repeats):
-                runs = {}
-                # alternately first: neither side always runs on a colder machine
-                for core in (False, True) if repeat % 2 == 0 else (True, False):
-                    label = f"{repeat}_{int(core)}"
-                    with fresh_database(kind, Path(tmp), label, args.postgres) as url, reads(core):
-                        seconds, _, trials = study_run(url, args, held=True, claim=True)
-                    runs[core] = trials
-                    name = "Core" if core else "ORM "
-                    print(
-                        f"  {kind:10} {name}: {seconds:6.2f} s "
-                        f"({1000 * seconds / args.trials:5.1f} ms a trial)",
-                        flush=True,
-                    )
-                    best[core] = min(best.get(core, seconds), seconds)
-                if runs[False] != runs[True]:
-                    sys.exit(f"{kind}: the Core reads left other trials than Optuna's")
-            before, after = best[False], best[True]
-            print(
-                f"{kind}, best of {args.repeats}: Optuna's reads {before:.2f} s, Core "
-                f"{after:.2f} s: {before / after:.2f}x; "
-                f"{1000 * (before - after) / args.trials:.1f} ms less a trial; same trials: yes",
-                flush=True,
-            )
+
+    def run(url: str, core: bool) -> tuple[float, int, list]:
+        with reads(core):
+            return study_run(url, args, held=True, claim=True)
+
+    side_by_side(args, ("Optuna's reads", "Core reads"), run, counted="write commits")
 
 
 if __name__ == "__main__":

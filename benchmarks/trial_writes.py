@@ -66,11 +66,13 @@ def study_run(
     held: bool,
     setup: Callable[[RetryingRDBStorage], None] | None = None,
     claim: bool = False,
+    beat: bool | None = None,
 ) -> tuple[float, int, list]:
     """The Optuna side of a study (see above): its seconds, its commits that wrote, and its
     trials. ``setup`` gets the storage first (another benchmark's side); with ``claim``, each
     trial is taken as the runner takes it (``claim_trial``: the study's lock, the budget check
-    and the ask)."""
+    and the ask), and with ``beat`` given, it gets its first heartbeat: with the claim (True)
+    or just after it, in a transaction of its own (False)."""
     experiment = load_experiment(ROOT / "experiments" / "digits.toml")
     storage = open_storage(url)
     if held:
@@ -92,7 +94,9 @@ def study_run(
         while started < args.trials and len(open_trials) < args.pack:
             with shared_reads(storage):
                 if claim:
-                    trial = claim_trial(study, storage, target=args.trials)
+                    trial = claim_trial(study, storage, target=args.trials, beat=bool(beat))
+                    if beat is False:
+                        storage.record_heartbeat(trial._trial_id)
                 else:
                     study.get_trials(deepcopy=False)  # the budget check
                     trial = study.ask()
@@ -161,36 +165,60 @@ def study_arguments(description: str) -> argparse.Namespace:
     return args
 
 
-def main() -> None:
-    args = study_arguments(__doc__)
+def side_by_side(
+    args: argparse.Namespace,
+    names: tuple[str, str],
+    run: Callable[[str, bool], tuple[float, int, list]],
+    *,
+    counted: str,
+) -> None:
+    """Run a study on fresh databases both ways, ``run(url, False)`` (the baseline) and
+    ``run(url, True)``, each side first in turn, for ``args.repeats`` on every backend asked
+    for; each run gives its seconds, a count (``counted``: commits, say) and its trials.
+    Prints each run and, per backend, the best of each side, their ratio and whether the two
+    left the same trials (exits with an error when they did not)."""
     kinds = ["sqlite"] + (["postgresql"] if args.postgres else [])
+    width = max(len(n) for n in names)
     with tempfile.TemporaryDirectory() as tmp:
         for kind in kinds:
             best: dict[bool, tuple[float, int]] = {}
             for repeat in range(args.repeats):
                 runs = {}
-                for held in (False, True):
-                    label = f"{repeat}_{int(held)}"
-                    with fresh_database(kind, Path(tmp), label, args.postgres) as url:
-                        seconds, commits, trials = study_run(url, args, held=held)
-                    runs[held] = trials
-                    name = "held   " if held else "optuna's"
+                # alternately first: neither side always runs on a colder machine
+                for side in (False, True) if repeat % 2 == 0 else (True, False):
+                    with fresh_database(
+                        kind, Path(tmp), f"{repeat}_{int(side)}", args.postgres
+                    ) as url:
+                        seconds, count, runs[side] = run(url, side)
                     print(
-                        f"  {kind:10} {name} writes: {seconds:6.2f} s "
-                        f"({1000 * seconds / args.trials:5.1f} ms a trial), {commits} commits",
+                        f"  {kind:10} {names[side]:{width}}: {seconds:6.2f} s "
+                        f"({1000 * seconds / args.trials:5.1f} ms a trial), {count} {counted} "
+                        f"({count / args.trials:.2f} a trial)",
                         flush=True,
                     )
-                    if held not in best or seconds < best[held][0]:
-                        best[held] = (seconds, commits)
+                    if side not in best or seconds < best[side][0]:
+                        best[side] = (seconds, count)
                 if runs[False] != runs[True]:
-                    sys.exit(f"{kind}: the held writes left other trials than Optuna's")
-            (now, now_c), (later, later_c) = best[False], best[True]
+                    sys.exit(f"{kind}: {names[True]} left other trials than {names[False]}")
+            (before, before_c), (after, after_c) = best[False], best[True]
             print(
-                f"{kind}, best of {args.repeats}: Optuna's writes {now:.2f} s, held {later:.2f} s: "
-                f"{now / later:.2f}x; {1000 * (now - later) / args.trials:.1f} ms less a trial; "
-                f"commits {now_c} -> {later_c}; same trials: yes",
+                f"{kind}, best of {args.repeats}: {names[False]} {before:.2f} s, {names[True]} "
+                f"{after:.2f} s: {before / after:.2f}x; "
+                f"{1000 * (before - after) / args.trials:.1f} ms less a trial; {counted} "
+                f"{before_c / args.trials:.2f} -> {after_c / args.trials:.2f} a trial; "
+                "same trials: yes",
                 flush=True,
             )
+
+
+def main() -> None:
+    args = study_arguments(__doc__)
+    side_by_side(
+        args,
+        ("Optuna's writes", "held writes"),
+        lambda url, held: study_run(url, args, held=held),
+        counted="commits",
+    )
 
 
 if __name__ == "__main__":

@@ -250,14 +250,11 @@ class _StudyHooks:
 
     # -- the budget ------------------------------------------------------------------------------
     def _claim(self) -> optuna.Trial | None:
-        trial = claim_trial(self.study, self.storage, target=self.target)
+        # its first heartbeat is written with it: a worker killed at any point after leaves
+        # a trial that goes stale, and a trial costs one transaction less
+        trial = claim_trial(self.study, self.storage, target=self.target, beat=True)
         if trial is not None:
-            try:
-                self.heartbeat.add(trial._trial_id)
-            except BaseException:
-                with contextlib.suppress(Exception):
-                    self.study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
-                raise
+            self.heartbeat.track(trial._trial_id)
         return trial
 
     def reap(self, *, force: bool = False) -> None:

@@ -87,8 +87,10 @@ class RetryingRDBStorage(optuna.storages.RDBStorage):
         self._known.enabled = self.engine.dialect.name in UPSERTS
 
     def get_trial(self, trial_id: int) -> FrozenTrial:
-        """Optuna's, tried again while the database is away; the read that follows this
-        process's make or finish of the trial is answered from what it wrote."""
+        """The trial as Optuna's ``get_trial`` returns it (read through
+        :func:`~service.trial_reads.read_trial`), tried again while the database is away; the
+        read that follows this process's make or finish of the trial is answered from what it
+        wrote."""
         count = self._known.count(trial_id)  # before the flush: a write held after it counts
         if self._deferred is not None:
             self.flush()  # what is held goes before any call, an answered one too
@@ -108,8 +110,9 @@ class RetryingRDBStorage(optuna.storages.RDBStorage):
         included_trial_ids: set[int],
         trial_id_greater_than: int,
     ) -> list[FrozenTrial]:
-        """Optuna's (through its cache, every read of a study's trials), tried again while the
-        database is away."""
+        """What Optuna's returns (read through :func:`~service.trial_reads.read_trials`): every
+        read of a study's trials, its cache's included; tried again while the database is
+        away."""
         return retry_transient(
             lambda: read_trials(
                 self,
@@ -302,6 +305,8 @@ class RetryingRDBStorage(optuna.storages.RDBStorage):
                     ):
                         raise BudgetTaken(f"the study's {claim.target} trials are taken")
                     row = self._get_prepared_new_trial(study_id, template, session)
+                    if claim is not None and claim.beat and template.state == TrialState.RUNNING:
+                        _first_beat(session, row.trial_id)
                     created = copy.deepcopy(template)
                     created.number, created._trial_id = row.number, row.trial_id
                     created.datetime_start = row.datetime_start
@@ -359,6 +364,8 @@ class RetryingRDBStorage(optuna.storages.RDBStorage):
                                 CREATE_KEY,
                                 claim.key,
                             )
+                            if claim.beat:  # a queued trial never ran, so never beat
+                                _first_beat(session, trial_id)
                     if state.is_finished():
                         row.datetime_complete = now
             except sqlalchemy.exc.IntegrityError:
@@ -384,16 +391,18 @@ class RetryingRDBStorage(optuna.storages.RDBStorage):
 
     @contextlib.contextmanager
     def claiming(
-        self, key: str, *, target: int, uncounted: str, retried: bool = False
+        self, key: str, *, target: int, uncounted: str, retried: bool = False, beat: bool = False
     ) -> Iterator[None]:
         """Within the block, this thread takes a trial from a budget of ``target``: the
         trial it pops (a queued one made RUNNING) or creates carries ``key``, for
         :meth:`claimed_with` to find after an answer was lost (``retried``: a try before
         may have made it), and a create finds the budget taken (:class:`BudgetTaken`) when
-        the study has ``target`` trials not marked with the system attribute ``uncounted``."""
+        the study has ``target`` trials not marked with the system attribute ``uncounted``.
+        With ``beat``, the trial's first heartbeat is written in the transaction that takes
+        it: a worker that dies at any point after leaves a trial that goes stale."""
         claims = vars(_claims).setdefault("open", {})
         outer = claims.get(id(self))
-        claims[id(self)] = claim = _Claim(key, target, uncounted, retried)
+        claims[id(self)] = claim = _Claim(key, target, uncounted, retried, beat)
         try:
             yield
         finally:
@@ -422,10 +431,22 @@ class _Claim:
     target: int
     uncounted: str
     retried: bool
+    beat: bool  # the trial taken gets its first heartbeat in the same transaction
     made: list[int] = field(default_factory=list)  # the trials its creates made
 
 
 _claims = threading.local()  # .open: each storage's open claiming block, by id
+
+
+def _first_beat(session: Any, trial_id: int) -> None:
+    """The trial's first heartbeat, as Optuna's ``record_heartbeat`` writes it: stamped by
+    the database's clock."""
+    heartbeat = _models.TrialHeartbeatModel
+    session.execute(
+        sqlalchemy.insert(heartbeat).values(
+            trial_id=trial_id, heartbeat=sqlalchemy.func.current_timestamp()
+        )
+    )
 
 
 def _claim_of(storage: RetryingRDBStorage) -> _Claim | None:

@@ -3,14 +3,16 @@
 Optuna's RDB storage loads a trial and its five kinds of rows (params, values, user and system
 attributes, reports) as ORM objects, then builds a ``FrozenTrial`` from them. On the handful of
 running trials that every ask re-reads, and on the trial its tell checks, that loading costs
-more than the rows: ORM objects, their identity map and their collections (about 8 ms for a
-pack of 8 trials, against 3 here, on the 2-core VM of docs/benchmarks.md). Here the same rows
-come back as plain result rows, with the columns' own types (a state as ``TrialState``, a
-datetime as the database gives it), grouped per trial in objects that carry the ORM's
-attribute names, and Optuna's own ``_build_frozen_trial_from_trial_model`` (its datetime
-conversion included, through ``TrialModel``'s properties) turns each into the ``FrozenTrial``
-Optuna would return. A version of Optuna whose build reads something more fails loudly (an
-``AttributeError``), and tests compare every field with Optuna's own reads."""
+more than the rows: ORM objects, their identity map and their collections (8–12 ms for the 9
+trials of a pack's claim, against 4–5 ms here, on the 2-core VM of docs/benchmarks.md). Here
+the same rows come back as plain result rows, with the columns' own types (a state as
+``TrialState``, a datetime as the database gives it), grouped per trial in objects that carry
+the ORM's attribute names, and the storage's own ``_build_frozen_trial_from_trial_model``
+(Optuna's; its datetime conversion included, through ``TrialModel``'s properties) turns each
+into the ``FrozenTrial`` Optuna would return, its mappings in the order Optuna's reads give
+them on SQLite. This leans on Optuna's private tables and build (pyproject pins Optuna 5);
+a build that reads something more fails loudly (an ``AttributeError``), and the tests compare
+every field, and its order, with Optuna's own reads."""
 
 from __future__ import annotations
 
@@ -19,30 +21,42 @@ from typing import Any
 
 import optuna
 import sqlalchemy
+import sqlalchemy.orm
 from optuna.storages._rdb import models as _models
 from optuna.storages._rdb.storage import _create_scoped_session
 from optuna.trial import FrozenTrial, TrialState
 
 __all__ = ["read_trial", "read_trials"]
 
-# what Optuna's ORM loads in chunks of too (its "selectin" loading), so no statement carries
-# more ids than the database takes
+# the ids one statement lists at most: as Optuna's ORM loads (SQLAlchemy's "selectin" loading
+# takes 500 at a time), far below any database's limit
 _CHUNK = 500
 _TRIALS = _models.TrialModel.__table__
-# the relationship of TrialModel each table fills (their rows' columns carry the ORM's names),
-# and the statement that reads a chunk of trials' rows of it, by their own ids: the order in
-# which Optuna's ORM usually gives them
+if not isinstance(vars(_models.TrialModel).get("datetime_start"), property):
+    # Optuna 5 stores naive UTC and converts it in these properties, which are reused below
+    raise ImportError(f"service.trial_reads needs Optuna 5 (found {optuna.__version__})")
+
+
+def _chunk_of(model: Any, *order: str) -> sqlalchemy.Select:
+    """The statement that reads the rows of ``model`` of a chunk of trials (bound as
+    ``ids``), per trial in the order of ``order``: the order of the unique index that
+    SQLite reads Optuna's own (unordered) query through. On PostgreSQL Optuna's order
+    depends on the query plan; these reads give SQLite's there too."""
+    table = model.__table__
+    return (
+        sqlalchemy.select(table)
+        .where(table.c.trial_id.in_(sqlalchemy.bindparam("ids", expanding=True)))
+        .order_by(table.c.trial_id, *(table.c[name] for name in order))
+    )
+
+
+# the relationship of TrialModel each table fills (their rows' columns carry the ORM's names)
 _CHILDREN = {
-    kind: sqlalchemy.select(table)
-    .where(table.c.trial_id.in_(sqlalchemy.bindparam("ids", expanding=True)))
-    .order_by(*table.primary_key.columns)
-    for kind, table in {
-        "params": _models.TrialParamModel.__table__,
-        "values": _models.TrialValueModel.__table__,
-        "user_attributes": _models.TrialUserAttributeModel.__table__,
-        "system_attributes": _models.TrialSystemAttributeModel.__table__,
-        "intermediate_values": _models.TrialIntermediateValueModel.__table__,
-    }.items()
+    "params": _chunk_of(_models.TrialParamModel, "param_id"),  # (Optuna's build sorts them)
+    "values": _chunk_of(_models.TrialValueModel, "objective"),
+    "user_attributes": _chunk_of(_models.TrialUserAttributeModel, "key"),
+    "system_attributes": _chunk_of(_models.TrialSystemAttributeModel, "key"),
+    "intermediate_values": _chunk_of(_models.TrialIntermediateValueModel, "step"),
 }
 
 
@@ -80,12 +94,14 @@ def read_trials(
     does not exist, as Optuna's."""
     # as Optuna's: an included id above the bound is read through the bound
     wanted = {i for i in included if i <= greater_than}
+    many = len(wanted) > _CHUNK
     condition = _TRIALS.c.study_id == study_id
     if states is not None:
-        condition &= _TRIALS.c.state.in_(list(states))  # type: ignore[call-overload]
+        assert isinstance(states, Iterable)  # as Optuna's: a Container to the type checker
+        condition &= _TRIALS.c.state.in_(list(states))
     if greater_than > -1:
         above = _TRIALS.c.trial_id > greater_than
-        if len(wanted) > _CHUNK:  # no statement carries more ids: from the first, kept below
+        if many:  # from the first of them (the rest is dropped below), so no statement lists them
             condition &= _TRIALS.c.trial_id >= min(wanted)
         elif wanted:
             condition &= sqlalchemy.or_(_TRIALS.c.trial_id.in_(sorted(wanted)), above)
@@ -93,11 +109,9 @@ def read_trials(
             condition &= above
     query = sqlalchemy.select(_TRIALS).where(condition).order_by(_TRIALS.c.trial_id)
     with _create_scoped_session(storage.scoped_session) as session:
-        rows = [
-            row
-            for row in session.execute(query)
-            if greater_than == -1 or row.trial_id > greater_than or row.trial_id in wanted
-        ]
+        rows = session.execute(query).all()
+        if many:
+            rows = [row for row in rows if row.trial_id > greater_than or row.trial_id in wanted]
         trials = _built(storage, session, rows)
         if not trials:  # none found: Optuna says so when the study itself is missing
             _models.StudyModel.find_or_raise_by_id(study_id, session)
@@ -125,5 +139,4 @@ def _built(
         for kind, statement in _CHILDREN.items():
             for child in session.execute(statement, {"ids": chunk}):
                 getattr(trials[child.trial_id], kind).append(child)
-    build = optuna.storages.RDBStorage._build_frozen_trial_from_trial_model
-    return [build(storage, trial) for trial in trials.values()]  # type: ignore[arg-type]
+    return [storage._build_frozen_trial_from_trial_model(trial) for trial in trials.values()]  # type: ignore[arg-type]

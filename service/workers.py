@@ -70,14 +70,15 @@ def has_room(trials: Iterable[FrozenTrial], target: int) -> bool:
 
 
 def claim_trial(
-    study: optuna.Study, storage: RetryingRDBStorage, *, target: int
+    study: optuna.Study, storage: RetryingRDBStorage, *, target: int, beat: bool = False
 ) -> optuna.Trial | None:
     """A new trial of ``study`` (Optuna's ask; a queued one first), or None when the budget of
     ``target`` trials is taken and none is queued. The check and the ask hold the study's lock,
     so workers together never take more than the budget. The two are tried again, together,
     while the database is briefly away, and each try reads the study afresh, inside a
     :func:`~service.studies.shared_reads` block too: a try that failed after its check must not
-    count from what it read before other workers took their trials."""
+    count from what it read before other workers took their trials. With ``beat``, the
+    trial's first heartbeat is written with it (see :meth:`Heartbeat.track`)."""
 
     key = secrets.token_hex(8)  # marks the trial this claim takes, made or popped
     tried = False
@@ -88,7 +89,7 @@ def claim_trial(
             study_lock(storage, study.study_name),
             shared_reads(storage) as reads,
             tried_once(),
-            storage.claiming(key, target=target, uncounted=_FAILED_TRIAL, retried=tried),
+            storage.claiming(key, target=target, uncounted=_FAILED_TRIAL, retried=tried, beat=beat),
         ):
             reads.forget()
             found = storage.claimed_with(study._study_id, key) if tried else None
@@ -276,6 +277,11 @@ class Heartbeat:
         """Start beating for a trial; its first heartbeat is written now, so a worker that
         dies at once still leaves a trial that goes stale."""
         self._storage.record_heartbeat(trial_id)
+        self.track(trial_id)
+
+    def track(self, trial_id: int) -> None:
+        """Start beating for a trial whose first heartbeat was written with it
+        (``claim_trial(..., beat=True)``)."""
         with self._lock:
             self._trial_ids.add(trial_id)
 

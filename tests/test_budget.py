@@ -23,6 +23,7 @@ from service.tracking import Outbox, _Op, deliver_outbox
 from service.workers import (
     MAX_RETRIES,
     Heartbeat,
+    claim_trial,
     claimed,
     is_retry,
     requeue,
@@ -136,6 +137,24 @@ def test_a_worker_fails_stale_trials_but_not_its_own(storage_url):
 
 
 @pytest.mark.filterwarnings("ignore:Heartbeat of storage:UserWarning")
+@pytest.mark.parametrize("queued", [False, True], ids=["created", "popped"])
+def test_a_trial_claimed_with_its_beat_goes_stale_when_its_worker_never_beats(storage_url, queued):
+    """A claim with ``beat`` writes the trial's first heartbeat in the transaction that takes
+    it (a create, or a pop from the queue), so a worker that dies right after leaves a trial
+    that goes stale; a trial with no heartbeat never does (Optuna's rule)."""
+    storage = open_storage(storage_url, heartbeat_interval=1, grace_period=1)
+    study = optuna.create_study(study_name="s", storage=storage)
+    if queued:
+        study.enqueue_trial({"x": 0.25})
+        study.enqueue_trial({"x": 0.75})
+    beaten = claim_trial(study, storage, target=2, beat=True)
+    silent = claim_trial(study, storage, target=2)
+    assert beaten is not None and silent is not None
+    assert {t.state for t in study.get_trials()} == {TrialState.RUNNING}
+    time.sleep(2.5)  # past the grace
+    assert [t.number for t in stale_trials(storage, study._study_id)] == [beaten.number]
+
+
 def test_a_worker_that_saw_the_database_away_waits_a_grace_before_reaping(storage_url):
     """After an outage every beat is late, live workers' too; they beat again within an
     interval of the database's return. A worker that saw it away fails no late trial until a

@@ -307,6 +307,23 @@ def test_a_trial_whose_commit_lost_its_answer_is_made_once(storage_url):
     assert claim_trial(study, storage, target=1) is None
 
 
+@pytest.mark.parametrize("queued", [False, True], ids=["created", "popped"])
+def test_a_claim_whose_commit_lost_its_answer_keeps_one_trial_and_one_beat(storage_url, queued):
+    """The trial and its first heartbeat go in one commit: tried again after its answer was
+    lost, the claim finds the trial with its beat, and writes neither again."""
+    storage = LostAnswers(storage_url)
+    study = optuna.create_study(study_name="s", storage=storage)
+    if queued:
+        study.enqueue_trial({"x": 0.25})
+    storage.lose = 1
+    trial = claim_trial(study, storage, target=1, beat=True)
+    assert storage.lose == 0, "the answer was lost"
+    assert [(t.number, t.state) for t in study.get_trials()] == [(0, TrialState.RUNNING)]
+    beats = sqlalchemy.text("SELECT trial_id FROM trial_heartbeats")
+    with storage.engine.connect() as conn:
+        assert conn.execute(beats).scalars().all() == [trial._trial_id]
+
+
 def test_a_claim_does_not_take_back_a_trial_a_reaper_failed_meanwhile(storage_url):
     """The claim's create lost its answer; before the claim tries again, another worker's
     reaper fails the trial (it had no heartbeat) and queues its config. The claim leaves the
