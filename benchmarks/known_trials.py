@@ -60,7 +60,12 @@ def main() -> None:
     def run(url: str, answered: bool) -> tuple[float, int, list]:
         with Queries() as queries:
             seconds, _, trials = study_run(
-                url, args, held=True, setup=None if answered else without_answers, claim=True
+                url,
+                args,
+                held=True,
+                setup=None if answered else without_answers,
+                claim=True,
+                beat=True,
             )
         return seconds, queries.count, trials
 

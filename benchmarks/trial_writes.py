@@ -120,10 +120,14 @@ def study_run(
             continue
         finished.add(frozen)
     seconds = time.perf_counter() - begin
-    trials = [
+    trials: list = [
         (t.number, t.state, t.value, t.params, t.intermediate_values, t.user_attrs)
         for t in study.get_trials()
     ]
+    if beat is not None:  # the trials' first heartbeats belong to what both sides must leave
+        with storage.engine.connect() as conn:
+            beats = conn.execute(sqlalchemy.text("SELECT count(*) FROM trial_heartbeats"))
+            trials.append(("heartbeats", beats.scalar_one()))
     storage.engine.dispose()
     return seconds, commits.count, trials
 
@@ -156,6 +160,8 @@ def study_arguments(description: str) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--postgres", help="a PostgreSQL URL whose user may create databases")
     args = parser.parse_args()
+    if min(args.trials, args.pack, args.reports, args.repeats) < 1:
+        parser.error("--trials, --pack, --reports and --repeats take numbers of at least 1")
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     print(
         f"{platform.processor() or platform.machine()}, {os.cpu_count()} cpus, optuna "

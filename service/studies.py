@@ -440,8 +440,10 @@ _claims = threading.local()  # .open: each storage's open claiming block, by id
 
 def _first_beat(session: Any, trial_id: int) -> None:
     """The trial's first heartbeat, as Optuna's ``record_heartbeat`` writes it: stamped by
-    the database's clock."""
+    the database's clock; a row left for the trial (none is, by Optuna or this service) is
+    replaced, as Optuna's updates one, rather than failing the claim."""
     heartbeat = _models.TrialHeartbeatModel
+    session.execute(sqlalchemy.delete(heartbeat).where(heartbeat.trial_id == trial_id))
     session.execute(
         sqlalchemy.insert(heartbeat).values(
             trial_id=trial_id, heartbeat=sqlalchemy.func.current_timestamp()

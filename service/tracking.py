@@ -20,8 +20,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from mlflow.entities import Metric, Param, RunTag
-from mlflow.environment_variables import MLFLOW_ENABLE_ASYNC_LOGGING
+from mlflow.entities import Metric, Param, RunStatus, RunTag
+from mlflow.environment_variables import (
+    MLFLOW_ENABLE_ASYNC_LOGGING,
+    MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT,
+)
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INVALID_STATE
 from mlflow.store.tracking.rest_store import RestStore
@@ -33,6 +36,7 @@ from mlflow.tracking.request_header.databricks_request_header_provider import (
     DatabricksRequestHeaderProvider,
 )
 from mlflow.utils.rest_utils import http_request, verify_rest_response
+from mlflow.utils.time import get_current_time_millis
 
 from service.db.engine import safe_url
 from service.errors import TrackingError
@@ -91,12 +95,13 @@ def _drop_databricks_headers_off_databricks() -> None:
 
 # MLflow's REST API: https://mlflow.org/docs/latest/api_reference/rest-api.html#log-batch
 _LOG_BATCH = "/api/2.0/mlflow/runs/log-batch"
+_UPDATE_RUN = "/api/2.0/mlflow/runs/update"  # (#update-run)
 
 
 class TrackingClient(MlflowClient):
     """MLflow's client, except that a batch of finite metric points (the curves), with the
     params and tags that share its request, goes to a tracking server as the REST API's JSON,
-    built straight from the entities.
+    built straight from the entities; so does a run's end (:meth:`set_terminated`).
 
     MlflowClient copies each point into a new Metric, then a protobuf message, then a dict (and
     JSON text, read back) before requests writes it: about 25 µs a point on the H200 host of
@@ -138,6 +143,29 @@ class TrackingClient(MlflowClient):
             )
         response = http_request(store.get_host_creds(), _LOG_BATCH, "POST", json=body)
         verify_rest_response(response, _LOG_BATCH)
+        return None
+
+    def set_terminated(
+        self, run_id: str, status: str | None = None, end_time: int | None = None
+    ) -> None:
+        """MlflowClient's, sent as the REST API's JSON to a tracking server when MLflow would
+        print nothing (``MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT``, which ``connect`` sets by
+        default). Before it reads that setting, MLflow asks whether it runs in a Databricks
+        notebook, which imports dbruntime and pyspark (and each failed import searches
+        sys.path again) at every run's end, in the sender threads beside the trainer."""
+        store = getattr(getattr(self, "_tracking_client", None), "store", None)
+        if not isinstance(store, RestStore) or not MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT.get():
+            return super().set_terminated(run_id, status, end_time)
+        store.shut_down_async_logging()  # as MLflow's: what async logging queued goes first
+        body = {
+            "run_id": run_id,
+            "run_uuid": run_id,
+            # MLflow's check and spelling of the status (an unknown one raises its error)
+            "status": RunStatus.to_string(RunStatus.from_string(status or "FINISHED")),
+            "end_time": end_time or get_current_time_millis(),
+        }
+        response = http_request(store.get_host_creds(), _UPDATE_RUN, "POST", json=body)
+        verify_rest_response(response, _UPDATE_RUN)
         return None
 
 

@@ -136,7 +136,6 @@ def test_a_worker_fails_stale_trials_but_not_its_own(storage_url):
     assert list(stale_trials(storage, study._study_id)) == [], "each is failed once"
 
 
-@pytest.mark.filterwarnings("ignore:Heartbeat of storage:UserWarning")
 @pytest.mark.parametrize("queued", [False, True], ids=["created", "popped"])
 def test_a_trial_claimed_with_its_beat_goes_stale_when_its_worker_never_beats(storage_url, queued):
     """A claim with ``beat`` writes the trial's first heartbeat in the transaction that takes
@@ -155,6 +154,7 @@ def test_a_trial_claimed_with_its_beat_goes_stale_when_its_worker_never_beats(st
     assert [t.number for t in stale_trials(storage, study._study_id)] == [beaten.number]
 
 
+@pytest.mark.filterwarnings("ignore:Heartbeat of storage:UserWarning")
 def test_a_worker_that_saw_the_database_away_waits_a_grace_before_reaping(storage_url):
     """After an outage every beat is late, live workers' too; they beat again within an
     interval of the database's return. A worker that saw it away fails no late trial until a

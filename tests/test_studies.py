@@ -324,6 +324,22 @@ def test_a_claim_whose_commit_lost_its_answer_keeps_one_trial_and_one_beat(stora
         assert conn.execute(beats).scalars().all() == [trial._trial_id]
 
 
+def test_a_claim_takes_a_queued_trial_that_has_a_heartbeat_row_left(storage_url):
+    """Neither Optuna nor the service beats for a queued trial, but a row left for one (a
+    hand-made delete, say) is replaced by the claim's first beat, as Optuna's update would:
+    it does not read as another worker having taken the trial."""
+    storage = open_storage(storage_url)
+    study = optuna.create_study(study_name="s", storage=storage)
+    study.enqueue_trial({"x": 0.25})
+    (queued,) = study.get_trials()
+    optuna.storages.RDBStorage.record_heartbeat(storage, queued._trial_id)
+    trial = claim_trial(study, storage, target=1, beat=True)
+    assert trial is not None and trial._trial_id == queued._trial_id
+    beats = sqlalchemy.text("SELECT trial_id FROM trial_heartbeats")
+    with storage.engine.connect() as conn:
+        assert conn.execute(beats).scalars().all() == [queued._trial_id]
+
+
 def test_a_claim_does_not_take_back_a_trial_a_reaper_failed_meanwhile(storage_url):
     """The claim's create lost its answer; before the claim tries again, another worker's
     reaper fails the trial (it had no heartbeat) and queues its config. The claim leaves the

@@ -421,6 +421,55 @@ def _history(client: MlflowClient, run_id: str, key: str) -> list[tuple[int, flo
     return sorted((m.step, m.value, m.timestamp) for m in client.get_metric_history(run_id, key))
 
 
+def test_a_runs_end_sent_as_json_reads_back_as_mlflows_client_leaves_it(mlflow_server, monkeypatch):
+    """TrackingClient ends a run with the REST API's JSON, not through MlflowClient (which
+    first asks whether it runs in a Databricks notebook, importing what is not installed):
+    the server keeps what MlflowClient's end would, given status and time or the defaults;
+    an unknown status is MLflow's error. Where MLflow would print the run's link (the user
+    asked for it), MLflow's own path is taken."""
+    ended_by_mlflow: list[str] = []
+    mlflows_end = MlflowClient.set_terminated
+
+    def counted(self, run_id, *args, **kwargs):
+        if isinstance(self, TrackingClient):
+            ended_by_mlflow.append(run_id)
+        return mlflows_end(self, run_id, *args, **kwargs)
+
+    monkeypatch.setattr(MlflowClient, "set_terminated", counted)
+    monkeypatch.setenv("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+    ours, mlflows = TrackingClient(mlflow_server.url), MlflowClient(mlflow_server.url)
+    experiment = ours.create_experiment("json-ends")
+    for status, end_time in [("KILLED", 1_700_000_000_123), ("FAILED", 5), ("FINISHED", None)]:
+        runs = [ours.create_run(experiment).info.run_id for _ in range(2)]
+        before = int(time.time() * 1000)
+        ours.set_terminated(runs[0], status, end_time)
+        mlflows.set_terminated(runs[1], status, end_time)
+        after = int(time.time() * 1000)
+        a, b = (mlflows.get_run(run).info for run in runs)
+        assert a.status == b.status == status
+        if end_time is None:
+            assert before <= a.end_time <= after and before <= b.end_time <= after
+        else:
+            assert a.end_time == b.end_time == end_time
+    default = ours.create_run(experiment).info.run_id
+    ours.set_terminated(default)
+    assert mlflows.get_run(default).info.status == "FINISHED"
+    refusals = []
+    for client in (ours, mlflows):
+        refused = client.create_run(experiment).info.run_id
+        with pytest.raises(Exception, match="DONE") as caught:
+            client.set_terminated(refused, "DONE")
+        refusals.append((type(caught.value), str(caught.value)))
+        assert mlflows.get_run(refused).info.status == "RUNNING"
+    assert refusals[0] == refusals[1]
+    assert ended_by_mlflow == []
+    monkeypatch.setenv("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "false")
+    printed = ours.create_run(experiment).info.run_id
+    ours.set_terminated(printed, "FINISHED")
+    assert ended_by_mlflow == [printed]
+    assert mlflows.get_run(printed).info.status == "FINISHED"
+
+
 def test_curves_sent_as_json_read_back_as_mlflows_client_sends_them(mlflow_server):
     """TrackingClient's own JSON for a batch of points, against MlflowClient's for the same
     points: the server keeps the same values, steps and timestamps; batches it does not send
