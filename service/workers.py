@@ -273,14 +273,6 @@ class Heartbeat:
         self._thread = threading.Thread(target=self._beat, name="hpo-heartbeat", daemon=True)
         self._thread.start()
 
-    def add(self, trial_id: int) -> None:
-        """Start beating for a trial taken without its first heartbeat (``claim_trial``
-        without ``beat``), which is written now: a worker that dies from now on leaves a
-        trial that goes stale (one that died between the take and this, a trial that never
-        does, which ``beat`` avoids)."""
-        self._storage.record_heartbeat(trial_id)
-        self.track(trial_id)
-
     def track(self, trial_id: int) -> None:
         """Start beating for a trial whose first heartbeat was written with it
         (``claim_trial(..., beat=True)``)."""

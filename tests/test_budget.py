@@ -168,8 +168,9 @@ def test_a_worker_that_saw_the_database_away_waits_a_grace_before_reaping(storag
     with pytest.raises(StudyError):  # a database that is away, as this worker sees it
         open_storage("postgresql+psycopg://u@127.0.0.1:9/x", wait_seconds=0.5)
     assert list(stale_trials(storage, study._study_id)) == []
-    beats = Heartbeat(storage, 0.5)  # its worker beats again
-    beats.add(live._trial_id)
+    beats = Heartbeat(storage, 0.5)  # its worker beats again, at once and then each interval
+    storage.record_heartbeat(live._trial_id)
+    beats.track(live._trial_id)
     try:
         time.sleep(2.2)  # the grace since the failure
         assert [t.number for t in stale_trials(storage, study._study_id)] == [dead.number]
