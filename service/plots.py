@@ -2,11 +2,11 @@
 coordinate) as PNG files, drawn by a child process that imports the plotting stack while the
 study trains.
 
-Importing matplotlib and ``optuna.importance`` (which imports scikit-learn) takes 2-3 s, and
-drawing three figures about 1.5 s more: done in the study's process, after its last trial, that
-was a sixth of a 64-trial study's wall time on two cores. A :class:`PlotDrawer` started with the
-study has the imports done by the time the study ends, on another core and without the training
-loop's interpreter lock (it holds ~250 MB while it waits). Whatever goes wrong in the child,
+Importing matplotlib and ``optuna.importance`` takes 1.5 s, and drawing three figures about
+1.5 s more: done in the study's process, after its last trial, that was a sixth of a 64-trial
+study's wall time on two cores. A :class:`PlotDrawer` started with the study has the imports
+done by the time the study ends, on another core and without the training loop's interpreter
+lock (it holds ~110 MB while it waits). Whatever goes wrong in the child,
 :func:`draw` draws in this process instead; a plot that cannot be drawn at all is skipped, as
 the study's results stand without it.
 """
@@ -175,24 +175,34 @@ def draw(
     return draw_here(study, folder, searched=searched, shown=shown)
 
 
+def _import_plotting() -> None:
+    """Import what :func:`draw_here` needs, in a process that does nothing else. Without
+    scikit-learn: ``optuna.importance`` imports it when it is installed (as it is for this
+    project's data sets), for the fANOVA evaluator, which these plots do not use
+    (PED-ANOVA needs none of it); with the SciPy and pandas it brings, that was 2 s of this
+    child's CPU beside the study's training and MLflow server, and 150 MB. Optuna takes it as
+    not installed, as Python's import system documents for a ``None`` in ``sys.modules``."""
+    sys.modules.setdefault("sklearn", None)  # type: ignore[arg-type]
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot
+    import optuna.importance
+    import optuna.visualization.matplotlib  # noqa: F401
+
+
 def _child() -> None:
     os.nice(10)  # the study's training comes first; this only has to be ready at its end
     # a Ctrl-C in the terminal reaches the whole process group: the study decides what stops;
     # this process ends when its stdin closes
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     opened = sys.stdin.readline()
-    import matplotlib
-
-    matplotlib.use("Agg")
-    # imported now, while the study trains
-    import matplotlib.pyplot
-    import optuna
-    import optuna.importance
-    import optuna.visualization.matplotlib
-
+    _import_plotting()  # now, while the study trains
     if not opened.strip():
         return
     where = json.loads(opened)
+    import optuna
+
     from service.studies import open_storage
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
