@@ -2,11 +2,11 @@
 coordinate) as PNG files, drawn by a child process that imports the plotting stack while the
 study trains.
 
-Importing matplotlib and ``optuna.importance`` takes 1.5 s, and drawing three figures about
+Importing matplotlib and ``optuna.importance`` takes about 1 s, and drawing three figures about
 1.5 s more: done in the study's process, after its last trial, that was a sixth of a 64-trial
 study's wall time on two cores. A :class:`PlotDrawer` started with the study has the imports
 done by the time the study ends, on another core and without the training loop's interpreter
-lock (it holds ~110 MB while it waits). Whatever goes wrong in the child,
+lock (it holds ~115 MB while it waits). Whatever goes wrong in the child,
 :func:`draw` draws in this process instead; a plot that cannot be drawn at all is skipped, as
 the study's results stand without it.
 """
