@@ -37,7 +37,12 @@ sys.path.insert(0, str(ROOT))
 from service.experiment import load_experiment  # noqa: E402
 from service.runner import _FinishedTrials  # noqa: E402
 from service.search import make_pruner, make_sampler, suggest_schedule  # noqa: E402
-from service.studies import RetryingRDBStorage, open_storage, shared_reads  # noqa: E402
+from service.studies import (  # noqa: E402
+    CREATE_KEY,
+    RetryingRDBStorage,
+    open_storage,
+    shared_reads,
+)
 from service.workers import claim_trial  # noqa: E402
 
 
@@ -121,7 +126,16 @@ def study_run(
         finished.add(frozen)
     seconds = time.perf_counter() - begin
     trials: list = [
-        (t.number, t.state, t.value, t.params, t.intermediate_values, t.user_attrs)
+        (
+            t.number,
+            t.state,
+            t.value,
+            t.params,
+            t.intermediate_values,
+            t.user_attrs,
+            # less the key each create draws at random
+            {k: v for k, v in t.system_attrs.items() if k != CREATE_KEY},
+        )
         for t in study.get_trials()
     ]
     if beat is not None:  # the trials' first heartbeats belong to what both sides must leave

@@ -1,5 +1,6 @@
-"""A running trial's small writes (its params, reports and user attributes), held and then
-written together: Optuna commits each one alone, and a trial makes about twenty of them."""
+"""A running trial's small writes (its params, reports, and user and system attributes), held
+and then written together: Optuna commits each one alone, and a trial makes about twenty of
+them."""
 
 from __future__ import annotations
 
@@ -26,11 +27,13 @@ class _TrialWrites:
     params: dict[str, tuple[float, str]] = field(default_factory=dict)  # internal value, dist
     values: dict[int, float] = field(default_factory=dict)  # step -> intermediate value
     user_attrs: dict[str, str] = field(default_factory=dict)  # key -> JSON
+    system_attrs: dict[str, str] = field(default_factory=dict)  # key -> JSON
 
     def update(self, newer: _TrialWrites) -> None:
         self.params.update(newer.params)
         self.values.update(newer.values)
         self.user_attrs.update(newer.user_attrs)
+        self.system_attrs.update(newer.system_attrs)
 
 
 class DeferredWrites:
@@ -71,6 +74,9 @@ class DeferredWrites:
 
     def hold_user_attr(self, trial_id: int, key: str, value: Any) -> None:
         self._hold(trial_id).user_attrs[key] = json.dumps(value)  # unserialisable: raised here
+
+    def hold_system_attr(self, trial_id: int, key: str, value: Any) -> None:
+        self._hold(trial_id).system_attrs[key] = json.dumps(value)
 
     def finished(self, trial_id: int) -> None:
         """The storage finished the trial: its later writes are refused."""
@@ -139,15 +145,19 @@ class DeferredWrites:
             for trial_id, writes in live.items()
             for name, (value, dist) in writes.params.items()
         ]
-        attrs = [
-            {"trial_id": trial_id, "key": key, "value_json": value}
-            for trial_id, writes in live.items()
-            for key, value in writes.user_attrs.items()
-        ]
+        attrs, system_attrs = (
+            [
+                {"trial_id": trial_id, "key": key, "value_json": value}
+                for trial_id, writes in live.items()
+                for key, value in getattr(writes, kind).items()
+            ]
+            for kind in ("user_attrs", "system_attrs")
+        )
         # upserts: a try after one whose answer was lost writes the same rows again
         upsert(session, _models.TrialParamModel, params, keys=("trial_id", "param_name"))
         upsert(session, value_model, values, keys=("trial_id", "step"))
         upsert(session, _models.TrialUserAttributeModel, attrs, keys=("trial_id", "key"))
+        upsert(session, _models.TrialSystemAttributeModel, system_attrs, keys=("trial_id", "key"))
 
 
 def upsert(

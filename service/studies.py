@@ -126,10 +126,10 @@ class RetryingRDBStorage(optuna.storages.RDBStorage):
         )
 
     def defer_trial_writes(self, *, delay: float = 0.5) -> None:
-        """From now on, hold the params, reports and user attributes of running trials and
-        write them together, in one transaction: before this storage's next other call (from
-        any thread, so every read and state change sees them), at :meth:`flush`, and at the
-        latest ``delay`` seconds after the first is held (from a timer's thread).
+        """From now on, hold the params, reports, and user and system attributes of running
+        trials and write them together, in one transaction: before this storage's next other
+        call (from any thread, so every read and state change sees them), at :meth:`flush`,
+        and at the latest ``delay`` seconds after the first is held (from a timer's thread).
 
         Optuna commits each of them alone: with a pack's trials reporting side by side, those
         commits cost more than the training. What a process killed meanwhile held is lost; its
@@ -210,6 +210,17 @@ class RetryingRDBStorage(optuna.storages.RDBStorage):
         self._hold_or_write(
             lambda held: held.hold_user_attr(trial_id, key, value),
             "set_trial_user_attr",
+            trial_id,
+            key,
+            value,
+        )
+
+    def set_trial_system_attr(self, trial_id: int, key: str, value: Any) -> None:
+        # a sampler's notes on the trial it is sampling (TPE's relative params for the
+        # constant liar, a grid point): written with the trial's params, which come with them
+        self._hold_or_write(
+            lambda held: held.hold_system_attr(trial_id, key, value),
+            "set_trial_system_attr",
             trial_id,
             key,
             value,
@@ -675,7 +686,12 @@ _TRIAL_WRITES = {name for name in _WRITES if name.startswith(("set_trial_", "_se
     "set_trial_state_values"
 }
 # held by a storage that defers them, and written before any other call
-_DEFERRED = {"_set_trial_param", "set_trial_intermediate_value", "set_trial_user_attr"}
+_DEFERRED = {
+    "_set_trial_param",
+    "set_trial_intermediate_value",
+    "set_trial_user_attr",
+    "set_trial_system_attr",
+}
 
 
 def _touching(call: Callable[..., Any]) -> Callable[..., Any]:
