@@ -216,8 +216,15 @@ class RetryingRDBStorage(optuna.storages.RDBStorage):
         )
 
     def set_trial_system_attr(self, trial_id: int, key: str, value: Any) -> None:
-        # a sampler's notes on the trial it is sampling (TPE's relative params for the
-        # constant liar, a grid point): written with the trial's params, which come with them
+        """A sampler's note on the trial it samples (TPE's relative params for the constant
+        liar), held with the trial's params, as its user attributes are: refused at once only
+        when this storage knows the trial finished, else dropped (and logged) if it finished
+        meanwhile. Within a claim (see :meth:`claiming`), written at once, as Optuna writes it:
+        what an ask notes under the study's lock (a grid sampler's point) is there for the
+        next worker's claim when the lock goes."""
+        if _claim_of(self) is not None:
+            self._now("set_trial_system_attr", trial_id, key, value)
+            return
         self._hold_or_write(
             lambda held: held.hold_system_attr(trial_id, key, value),
             "set_trial_system_attr",

@@ -1,5 +1,6 @@
-"""A running trial's params, reports and user attributes, held and written together, on every
-backend: the study ends as Optuna's own writes leave it, in far fewer commits."""
+"""A running trial's params, reports, and user and system attributes, held and written
+together, on every backend: the study ends as Optuna's own writes leave it, in far fewer
+commits."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from optuna.trial import TrialState
 
 from service.runner import _FinishedTrials
 from service.studies import CREATE_KEY, RetryingRDBStorage, open_storage
+from service.workers import claim_trial
 from tests.test_studies import LostAnswers
 
 OPEN = 4  # trials side by side, as in a pack
@@ -110,6 +112,7 @@ def test_a_study_ends_as_with_optunas_own_writes_in_a_fraction_of_the_commits(st
     now_commits, later_commits = Commits(now.engine), Commits(later.engine)
     expected = drive(now, "now")
     assert sum(state == TrialState.PRUNED for _, state, *_ in expected) > 0, "the pruner pruned"
+    assert any("tpe:relative_params:0" in trial[-1] for trial in expected), "TPE noted params"
     assert drive(later, "later") == expected
     # each trial: 3 params, 5 reports at most, 2 user attributes, each a commit when not held
     assert later_commits.count < now_commits.count / 2
@@ -191,6 +194,32 @@ def test_writes_of_a_trial_finished_elsewhere_are_dropped_and_later_ones_refused
     study.tell(told, 1.0)
     with pytest.raises(optuna.exceptions.UpdateFinishedTrialError):
         mine.set_trial_intermediate_value(told._trial_id, 1, 0.5)
+
+
+def test_a_system_attribute_is_refused_as_optuna_refuses_it(storage_url):
+    storage = held(open_storage(storage_url))
+    study = optuna.create_study(study_name="s", storage=storage)
+    running, told = study.ask(), study.ask()
+    study.tell(told, 1.0)
+    with pytest.raises(TypeError):  # not JSON
+        storage.set_trial_system_attr(running._trial_id, "k", object())
+    with pytest.raises(optuna.exceptions.UpdateFinishedTrialError):
+        storage.set_trial_system_attr(told._trial_id, "k", 1)
+
+
+def test_a_claims_grid_point_is_written_before_the_study_lock_goes(storage_url):
+    """A grid sampler notes its point on the trial in the ask, under the study's lock: the
+    next worker's claim must find it taken, so within a claim it is written, not held."""
+    mine, theirs = held(open_storage(storage_url)), open_storage(storage_url)
+    sampler = optuna.samplers.GridSampler({"x": [1, 2, 3]}, seed=0)
+    study = optuna.create_study(study_name="s", storage=mine, sampler=sampler)
+    trial = claim_trial(study, mine, target=3)
+    assert "grid_id" in theirs.get_trial(trial._trial_id).system_attrs
+    # outside a claim, a sampler's note is held until the storage's next call
+    mine.set_trial_system_attr(trial._trial_id, "note", 1)
+    assert "note" not in theirs.get_trial(trial._trial_id).system_attrs
+    mine.flush()
+    assert theirs.get_trial(trial._trial_id).system_attrs["note"] == 1
 
 
 def test_held_writes_whose_commit_lost_its_answer_are_written_once(storage_url, caplog):
