@@ -1006,11 +1006,10 @@ class StudyTracker:
         metrics = [Metric(f"trials_{state.lower()}", n, now, step) for state, n in counts.items()]
         tags = []
         if best is not None:
+            # The best knobs go as tags, not metrics: each metric is a chart of the study's
+            # chart view in the UI, and five one-point charts sorted first (best_*) pushed the
+            # trials' loss curves out of sight.
             metrics.append(Metric("best_value", best["value"], now, step))
-            metrics += [
-                Metric(f"best_{name}", float(value), now, step)
-                for name, value in best["params"].items()
-            ]
             tags += [RunTag("hpo.best_trial", str(best["trial_number"]))]
             tags += [RunTag(f"hpo.best.{k}", str(v)) for k, v in best["params"].items()]
         self.outbox.put(_Op("batch", run_id, metrics=metrics, tags=tags))

@@ -151,12 +151,18 @@ class Hpo:
         return f"sqlite:///{self.home / 'optuna.db'}"
 
 
-@pytest.fixture
-def hpo(tmp_path) -> Hpo:
+def make_hpo(directory: Path) -> Hpo:
+    """An `hpo` runner whose $HPO_HOME is under ``directory``, with none of this shell's
+    HPO_* and MLFLOW_* settings."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("HPO_", "MLFLOW_"))}
-    home = tmp_path / "home"
+    home = directory / "home"
     env.update(HPO_HOME=str(home), PYTHONPATH=str(ROOT), COLUMNS="120")
     return Hpo(home=home, env=env)
+
+
+@pytest.fixture
+def hpo(tmp_path) -> Hpo:
+    return make_hpo(tmp_path)
 
 
 def write_experiment(directory: Path, text: str, name: str = "exp.toml") -> Path:

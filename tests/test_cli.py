@@ -14,7 +14,6 @@ from pathlib import Path
 import numpy as np
 import optuna
 import pytest
-import requests
 import torch
 from mlflow.tracking import MlflowClient
 
@@ -26,7 +25,7 @@ from service.search import KNOBS
 from service.studies import open_storage, open_study_for
 from service.tracking import Backlog
 from service.training import exponential_decay
-from tests.conftest import TINY_DIGITS, free_port, wait_for_http, write_experiment
+from tests.conftest import TINY_DIGITS, write_experiment
 
 pytestmark = pytest.mark.e2e
 
@@ -79,6 +78,11 @@ def test_study_against_mlflow_server(hpo, tmp_path, mlflow_server):
     assert plots == {f"plots/{name}.png" for name in PLOT_NAMES}
     assert "drawing the plots here" not in result.stderr  # the child process drew them
     assert parent.data.metrics["best_value"] == pytest.approx(study.best_value)
+    counts = {f"trials_{t.state.name.lower()}" for t in trials}
+    assert set(parent.data.metrics) == {"best_value", *counts}  # no knob as a metric
+    assert parent.data.tags["hpo.best_trial"] == str(study.best_trial.number)
+    for name in KNOBS:
+        assert parent.data.tags[f"hpo.best.{name}"] == str(study.best_params[name])
 
     assert len(children) == 6
     by_number = {int(r.data.tags["hpo.trial_number"]): r for r in children}
@@ -499,45 +503,6 @@ def test_study_on_postgres_storage(hpo, tiny_experiment, postgres_url):
     assert best["trial_number"] == study.best_trial.number
     assert best["value"] == study.best_value
     assert not (hpo.home / "optuna.db").exists()
-
-
-def listening_addresses(port: int) -> set[str]:
-    """Local addresses with a socket listening on ``port``, read from /proc/net/tcp."""
-    found = set()
-    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
-        local, state = line.split()[1], line.split()[3]
-        address, port_hex = local.split(":")
-        if state == "0A" and int(port_hex, 16) == port:
-            found.add(".".join(str(int(address[i : i + 2], 16)) for i in (6, 4, 2, 0)))
-    return found
-
-
-def test_ui_serves_the_study_on_localhost(hpo, tiny_experiment):
-    assert hpo("run", str(tiny_experiment), "--trials", "2").returncode == 0
-    port = free_port()
-    process = subprocess.Popen(
-        [sys.executable, "-m", "service.cli", "ui", "--port", str(port)],
-        env=hpo.env,
-        cwd=hpo.home.parent,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        url = f"http://127.0.0.1:{port}"
-        wait_for_http(f"{url}/health", process=process)
-        assert listening_addresses(port) == {"127.0.0.1"}
-        client = MlflowClient(url)
-        _, (parent,), children = runs_of(client, "tiny")
-        assert len(children) == 2
-        assert {r.info.status for r in children} == {"FINISHED"}
-        assert client.get_metric_history(children[0].info.run_id, "train_loss")
-        plots = client.list_artifacts(parent.info.run_id, "plots")
-        assert "plots/optimization_history.png" in {a.path for a in plots}
-        page = requests.get(url, timeout=10)
-        assert page.ok and "<html" in page.text.lower()
-    finally:
-        process.terminate()
-        process.wait(timeout=30)
 
 
 def test_pack_auto_says_the_size_it_measured_and_why(hpo, tmp_path):
