@@ -196,3 +196,53 @@ def tiny_experiment(tmp_path) -> Path:
 
 def has_program(name: str) -> bool:
     return shutil.which(name) is not None
+
+
+# as Chromium runs on a machine with no screen, no GPU and no way out (the machine's notes)
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+
+
+def chromium() -> str | None:
+    """A Chromium to drive: $HPO_TEST_CHROMIUM, else one on the PATH."""
+    names = ("chromium", "chromium-browser", "google-chrome")
+    return os.environ.get("HPO_TEST_CHROMIUM") or next(filter(None, map(shutil.which, names)), None)
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator:
+    """Headless Chromium (the machine's own: nothing is downloaded), driven by Playwright; per
+    module, so that Playwright's event loop is gone before other modules' tests run theirs."""
+    executable = chromium()
+    if executable is None:
+        pytest.skip("needs Chromium (Debian: apt install chromium; or set HPO_TEST_CHROMIUM)")
+    sync_api = pytest.importorskip("playwright.sync_api", reason="needs playwright (dev extra)")
+    # the pages are large single-page apps: a first load on a busy 2-core machine is slow
+    sync_api.expect.set_options(timeout=60_000)
+    with sync_api.sync_playwright() as playwright:
+        launched = playwright.chromium.launch(executable_path=executable, args=CHROMIUM_ARGS)
+        try:
+            yield launched
+        finally:
+            launched.close()
+
+
+@pytest.fixture
+def page(browser, tmp_path):
+    """A page in a fresh browser profile (nothing remembered from another test), full HD; a
+    screenshot of it is left in the test's folder, for a failure's post-mortem."""
+    context = browser.new_context(viewport={"width": 1600, "height": 1000})
+    opened = context.new_page()
+    opened.set_default_timeout(60_000)
+    try:
+        yield opened
+    finally:
+        opened.screenshot(path=tmp_path / "last-page.png")
+        context.close()

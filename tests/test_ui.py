@@ -4,9 +4,7 @@ params and loss curves, and its plots."""
 
 from __future__ import annotations
 
-import os
 import re
-import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -36,16 +34,6 @@ TRIAL_METRICS = (
     "ema_val_accuracy",
     "objective",
 )
-# as Chromium runs on a machine with no screen, no GPU and no way out (the machine's notes)
-CHROMIUM_ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
 STUDY = """
 name = "tiny"
 [data]
@@ -62,14 +50,6 @@ seed = 3
 pack = 3
 pruner = "none"
 """
-
-
-def chromium() -> str | None:
-    """A Chromium to drive: $HPO_TEST_CHROMIUM, else one on the PATH."""
-    found = os.environ.get("HPO_TEST_CHROMIUM") or next(
-        filter(None, map(shutil.which, ("chromium", "chromium-browser", "google-chrome"))), None
-    )
-    return found
 
 
 def listening_addresses(port: int) -> set[str]:
@@ -153,36 +133,6 @@ def test_ui_serves_the_study_on_localhost(ui):
     assert "plots/optimization_history.png" in {a.path for a in plots}
     page = requests.get(ui.url, timeout=10)
     assert page.ok and "<html" in page.text.lower()
-
-
-@pytest.fixture(scope="module")
-def browser(ui) -> Iterator:
-    executable = chromium()
-    if executable is None:
-        pytest.skip("needs Chromium (Debian: apt install chromium; or set HPO_TEST_CHROMIUM)")
-    sync_api = pytest.importorskip("playwright.sync_api", reason="needs playwright (dev extra)")
-    # MLflow's UI is a large single-page app: its first load on a busy 2-core machine is slow
-    sync_api.expect.set_options(timeout=60_000)
-    with sync_api.sync_playwright() as playwright:
-        launched = playwright.chromium.launch(executable_path=executable, args=CHROMIUM_ARGS)
-        try:
-            yield launched
-        finally:
-            launched.close()
-
-
-@pytest.fixture
-def page(browser, tmp_path):
-    """A fresh browser profile (no choice of MLflow's remembered), full HD; a screenshot of
-    the page is left in the test's folder when the test fails."""
-    context = browser.new_context(viewport={"width": 1600, "height": 1000})
-    opened = context.new_page()
-    opened.set_default_timeout(60_000)
-    try:
-        yield opened
-    finally:
-        opened.screenshot(path=tmp_path / "last-page.png")
-        context.close()
 
 
 def test_the_printed_link_opens_the_studys_runs_and_loss_curves(ui, page):
