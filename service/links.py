@@ -3,7 +3,7 @@ imports: the REST API uses it)."""
 
 import errno
 import socket
-from urllib.parse import urlparse
+from urllib.parse import quote, urlencode, urlparse
 
 from service.errors import HPOError
 
@@ -46,7 +46,16 @@ def is_remote(uri: str) -> bool:
 
 
 def ui_url(base: str, experiment_id: str, run_id: str | None = None) -> str:
-    """A page of the MLflow UI. MLflow 3's UI opens experiments on its GenAI pages unless told
-    ``workflowType=machine_learning``; with it, a study opens on its runs and charts."""
-    page = f"experiments/{experiment_id}" + (f"/runs/{run_id}" if run_id else "")
-    return f"{base.rstrip('/')}/#/{page}?workflowType=machine_learning"
+    """A page of the MLflow UI: a study's runs, or one run's page.
+
+    MLflow 3's UI opens experiments on its GenAI pages unless told
+    ``workflowType=machine_learning``. A study's runs are listed by objective, best first: the
+    trials then come out of the study's run (last, with no objective of its own) instead of
+    folded under it, and the chart view, which draws the first ten runs, draws the best ten."""
+    if run_id is not None:
+        page, query = f"experiments/{experiment_id}/runs/{run_id}", {}
+    else:
+        page = f"experiments/{experiment_id}/runs"  # not the experiment: it drops the sort
+        query = {"orderByKey": "metrics.`objective`", "orderByAsc": "true"}
+    query = urlencode({"workflowType": "machine_learning", **query}, quote_via=quote)
+    return f"{base.rstrip('/')}/#/{page}?{query}"

@@ -86,7 +86,7 @@ def ui(tmp_path_factory) -> Iterator[Ui]:
     hpo.env["HPO_UI_PORT"] = str(port)  # where `hpo ui` listens and `hpo run`'s link points
     run = hpo("run", str(write_experiment(root, STUDY)))
     assert run.returncode == 0, run.stderr
-    links = re.findall(r"http://\S+workflowType=machine_learning", run.stdout)
+    links = re.findall(r"http://\S+workflowType=machine_learning\S*", run.stdout)
     assert len(links) == 1, run.stdout
     process = subprocess.Popen(
         [sys.executable, "-m", "service.cli", "ui"],
@@ -135,25 +135,19 @@ def test_ui_serves_the_study_on_localhost(ui):
     assert page.ok and "<html" in page.text.lower()
 
 
-def test_the_printed_link_opens_the_studys_runs_and_loss_curves(ui, page):
+def test_the_printed_link_opens_the_studys_trials_best_first_and_their_curves(ui, page):
     """What a user sees after `hpo run` and `hpo ui`: the study's runs in MLflow's Model
-    training pages (not its GenAI overview), its trials under the study's run, and their
-    loss curves in the chart view."""
+    training pages (not its GenAI overview), the trials by objective, best first, the study's
+    run last, and their loss curves in the chart view."""
     from playwright.sync_api import expect
 
     page.goto(ui.printed_link)
     expect(page).to_have_url(re.compile(rf"#/experiments/{ui.experiment_id}/runs\b"))
     expect(page.get_by_role("heading", name="Runs", exact=True)).to_be_visible()
-
-    # one row, the study's run; its trials are nested under it
-    study_row = page.get_by_role("gridcell").filter(
-        has=page.get_by_role("link", name="tiny", exact=True)
-    )
-    for number in ui.children:
-        expect(page.get_by_role("link", name=f"trial-{number}", exact=True)).to_have_count(0)
-    study_row.get_by_role("button").click()
-    for number in ui.children:
-        expect(page.get_by_role("link", name=f"trial-{number}", exact=True)).to_be_visible()
+    expect(page.get_by_role("button", name="Sort: objective")).to_be_visible()
+    by_value = sorted(ui.study.trials, key=lambda t: t.value)
+    names = [f"trial-{t.number}" for t in by_value] + ["tiny"]
+    expect(page.get_by_role("grid").get_by_role("link")).to_have_text(names)
 
     page.locator("label:has(input[value=CHART])").click()  # the view switch: chart
     charts = page.get_by_role("heading", level=4)

@@ -76,6 +76,12 @@ def test_studies_list_and_detail_match_optuna(api, studies):
     assert items["mixed"]["best_value"] == optuna_study(studies).best_value
     assert items["doomed"]["best_value"] is None
     detail = api.get("/api/v1/studies/mixed").json()
+    experiment = MlflowClient(f"sqlite:///{studies.hpo.home / 'mlflow.db'}").get_experiment(
+        detail["mlflow_experiment_id"]
+    )
+    assert experiment.name == "mixed"
+    link = ui_url("http://127.0.0.1:5000", experiment.experiment_id)  # the trials, best first
+    assert detail["mlflow_experiment_url"] == items["mixed"]["mlflow_experiment_url"] == link
     assert detail["spec"]["search"]["seed"] == 3
     assert 'name = "mixed"' in detail["experiment_text"]
 
