@@ -11,14 +11,19 @@ import sys
 import time
 import uuid
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 import requests
 
 from service.mlflow_server import start_server, stop_server
+
+if TYPE_CHECKING:
+    from mlflow.entities import Experiment, Run
+    from mlflow.tracking import MlflowClient
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -194,6 +199,16 @@ def tiny_experiment(tmp_path) -> Path:
     return write_experiment(tmp_path, TINY_DIGITS)
 
 
+def runs_of(client: MlflowClient, study: str) -> tuple[Experiment, list[Run], list[Run]]:
+    """A study's MLflow experiment, its study runs (one, normally) and its trials' runs."""
+    experiment = client.get_experiment_by_name(study)
+    assert experiment is not None, f"no MLflow experiment {study!r}"
+    runs = client.search_runs([experiment.experiment_id], max_results=1000)
+    parents = [r for r in runs if r.data.tags.get("hpo.kind") == "study"]
+    children = [r for r in runs if r.data.tags.get("hpo.kind") != "study"]
+    return experiment, parents, children
+
+
 def has_program(name: str) -> bool:
     return shutil.which(name) is not None
 
@@ -237,12 +252,13 @@ def browser() -> Iterator:
 @pytest.fixture
 def page(browser, tmp_path):
     """A page in a fresh browser profile (nothing remembered from another test), full HD; a
-    screenshot of it is left in the test's folder, for a failure's post-mortem."""
+    screenshot of its last state is left in the test's folder, for a failure's post-mortem."""
     context = browser.new_context(viewport={"width": 1600, "height": 1000})
-    opened = context.new_page()
-    opened.set_default_timeout(60_000)
     try:
+        opened = context.new_page()
+        opened.set_default_timeout(60_000)
         yield opened
+        with suppress(Exception):  # a crashed page has no picture to give
+            opened.screenshot(path=tmp_path / "last-page.png", timeout=5_000)
     finally:
-        opened.screenshot(path=tmp_path / "last-page.png")
         context.close()

@@ -25,20 +25,11 @@ from service.search import KNOBS
 from service.studies import open_storage, open_study_for
 from service.tracking import Backlog
 from service.training import exponential_decay
-from tests.conftest import TINY_DIGITS, write_experiment
+from tests.conftest import TINY_DIGITS, runs_of, write_experiment
 
 pytestmark = pytest.mark.e2e
 
 STATUS = {"COMPLETE": "FINISHED", "PRUNED": "KILLED", "FAIL": "FAILED"}
-
-
-def runs_of(client: MlflowClient, study: str):
-    experiment = client.get_experiment_by_name(study)
-    assert experiment is not None, f"no MLflow experiment {study!r}"
-    runs = client.search_runs([experiment.experiment_id], max_results=1000)
-    parents = [r for r in runs if r.data.tags.get("hpo.kind") == "study"]
-    children = [r for r in runs if r.data.tags.get("hpo.kind") != "study"]
-    return experiment, parents, children
 
 
 def test_study_against_mlflow_server(hpo, tmp_path, mlflow_server):

@@ -1,6 +1,9 @@
 """The MLflow UI door: `hpo ui` serves a study on localhost, and in a real browser (headless
 Chromium) the links `hpo` prints and the REST API hands out open the study's runs, its trials'
-params and loss curves, and its plots."""
+params and loss curves, and its plots.
+
+The pages are MLflow's: these tests find things by what a user reads (roles, names, texts) in
+MLflow 3.17's UI, and tell when another MLflow shows a study otherwise than README says."""
 
 from __future__ import annotations
 
@@ -20,11 +23,19 @@ from mlflow.tracking import MlflowClient
 from service.links import ui_url
 from service.plots import PLOT_NAMES
 from service.search import KNOBS
-from tests.conftest import Hpo, free_port, make_hpo, wait_for_http, write_experiment
+from tests.conftest import (
+    TINY_DIGITS,
+    Hpo,
+    free_port,
+    make_hpo,
+    runs_of,
+    wait_for_http,
+    write_experiment,
+)
 
 pytestmark = pytest.mark.e2e
 
-# the curves and values of a trial's run (DESIGN.md, "MLflow layout"), classification
+# the curves and values of a classification trial's run (the design's "MLflow layout")
 TRIAL_METRICS = (
     "train_loss",
     "lr",
@@ -34,22 +45,6 @@ TRIAL_METRICS = (
     "ema_val_accuracy",
     "objective",
 )
-STUDY = """
-name = "tiny"
-[data]
-source = "digits"
-[model]
-hidden = [16]
-[training]
-steps = 60
-batch_size = 32
-eval_every = 20
-[search]
-trials = 3
-seed = 3
-pack = 3
-pruner = "none"
-"""
 
 
 def listening_addresses(port: int) -> set[str]:
@@ -83,13 +78,14 @@ def ui(tmp_path_factory) -> Iterator[Ui]:
     root = tmp_path_factory.mktemp("ui")
     hpo = make_hpo(root)
     port = free_port()
-    hpo.env["HPO_UI_PORT"] = str(port)  # where `hpo ui` listens and `hpo run`'s link points
-    run = hpo("run", str(write_experiment(root, STUDY)))
+    # the port `hpo ui` is told below: `hpo run`'s link points at it
+    with_port = Hpo(hpo.home, dict(hpo.env, HPO_UI_PORT=str(port)))
+    run = with_port("run", str(write_experiment(root, TINY_DIGITS)), "--trials", "3")
     assert run.returncode == 0, run.stderr
     links = re.findall(r"http://\S+workflowType=machine_learning\S*", run.stdout)
     assert len(links) == 1, run.stdout
     process = subprocess.Popen(
-        [sys.executable, "-m", "service.cli", "ui"],
+        [sys.executable, "-m", "service.cli", "ui", "--port", str(port)],
         env=hpo.env,
         cwd=hpo.home.parent,
         stdout=subprocess.DEVNULL,
@@ -99,10 +95,7 @@ def ui(tmp_path_factory) -> Iterator[Ui]:
         url = f"http://127.0.0.1:{port}"
         wait_for_http(f"{url}/health", process=process)
         client = MlflowClient(url)
-        experiment = client.get_experiment_by_name("tiny")
-        assert experiment is not None
-        runs = client.search_runs([experiment.experiment_id], max_results=100)
-        (parent,) = [r for r in runs if r.data.tags.get("hpo.kind") == "study"]
+        experiment, (parent,), children = runs_of(client, "tiny")
         yield Ui(
             hpo=hpo,
             url=url,
@@ -112,15 +105,15 @@ def ui(tmp_path_factory) -> Iterator[Ui]:
             study=optuna.load_study(study_name="tiny", storage=hpo.storage),
             experiment_id=experiment.experiment_id,
             parent=parent,
-            children={
-                int(r.data.tags["hpo.trial_number"]): r
-                for r in runs
-                if r.data.tags.get("hpo.kind") != "study"
-            },
+            children={int(r.data.tags["hpo.trial_number"]): r for r in children},
         )
     finally:
         process.terminate()
-        process.wait(timeout=30)
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
 
 
 def test_ui_serves_the_study_on_localhost(ui):
@@ -153,9 +146,12 @@ def test_the_printed_link_opens_the_studys_trials_best_first_and_their_curves(ui
     charts = page.get_by_role("heading", level=4)
     expect(charts.first).to_have_text("best_value")  # the study's, then the trials' curves
     search = page.get_by_role("searchbox", name="Search metric charts")
+    best = ui.study.best_trial.number
     for metric in TRIAL_METRICS:  # found by name: charts out of sight are not drawn
         search.fill(metric)
         expect(page.get_by_role("heading", name=metric, exact=True)).to_be_visible()
+        # the best trial's line, first of the chart's legend
+        expect(page.get_by_text(f"trial-{best} ({metric})", exact=True)).to_be_visible()
 
 
 def test_a_trials_link_shows_its_knobs_metrics_and_curves(ui, page):
@@ -177,13 +173,19 @@ def test_a_trials_link_shows_its_knobs_metrics_and_curves(ui, page):
         expect(main.get_by_role("row", name=f"{name} {value}", exact=True)).to_be_visible()
     for metric in TRIAL_METRICS:
         expect(main.get_by_role("link", name=metric, exact=True)).to_be_visible()
-    # JavaScript prints a float as Python's repr does: the shortest string that reads back
-    expect(main.get_by_role("row", name=f"objective {best.value!r}", exact=True)).to_be_visible()
+    objective = main.get_by_role("row").filter(
+        has=page.get_by_role("cell", name="objective", exact=True)
+    )
+    value = objective.get_by_role("cell").nth(1)
+    expect(value).to_be_visible()
+    assert float(value.inner_text()) == best.value
     # the parent run: a link to the study's run, named after the study
     expect(main.locator(f'a[href$="/runs/{ui.parent.info.run_id}"]')).to_have_text("tiny")
 
     main.get_by_role("tab", name="Model metrics").click()
+    search = main.get_by_role("searchbox", name="Search metric charts")
     for metric in TRIAL_METRICS:
+        search.fill(metric)
         expect(main.get_by_role("heading", name=metric, exact=True)).to_be_visible()
 
 

@@ -13,13 +13,13 @@ from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from fastapi_offline import FastAPIOffline
 from sqlalchemy import Engine, text
 from sqlalchemy.exc import DBAPIError
 from starlette.exceptions import HTTPException
 
 from service import __version__
 from service.api.deps import SessionDep, require_token
+from service.api.docs import add_docs
 from service.api.routes import experiments, studies
 from service.api.schemas import ErrorOut, Health
 from service.db.engine import make_engine, make_sessionmaker
@@ -77,13 +77,14 @@ async def _invalid(request: Request, exc: RequestValidationError) -> JSONRespons
 def create_app(settings: Settings | None = None, *, engine: Engine | None = None) -> FastAPI:
     settings = settings or Settings()
     engine = engine or make_engine(settings.database_url)
-    # FastAPI's /docs and /redoc load Swagger UI and ReDoc from a CDN: a blank page on a
-    # machine without the internet. These serve the same pages with the files installed here.
-    app = FastAPIOffline(
+    app = FastAPI(
         title="hpo",
         version=__version__,
         summary="Best configs and typed trial queries for hyperparameter studies.",
+        docs_url=None,  # FastAPI's pages load a CDN; add_docs serves them from installed files
+        redoc_url=None,
     )
+    add_docs(app)
     app.state.settings = settings
     app.state.engine = engine
     app.state.sessions = make_sessionmaker(engine)

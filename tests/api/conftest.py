@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -11,7 +10,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from tests.conftest import ROOT, Hpo, free_port, fresh_postgres_database, wait_for_http
+from tests.conftest import Hpo, free_port, fresh_postgres_database, make_hpo, wait_for_http
 
 MIXED = """
 name = "mixed"
@@ -52,9 +51,7 @@ class Studies:
 @pytest.fixture(scope="session")
 def studies(tmp_path_factory) -> Studies:
     root = tmp_path_factory.mktemp("api-studies")
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("HPO_", "MLFLOW_"))}
-    env.update(HPO_HOME=str(root / "home"), PYTHONPATH=str(ROOT), COLUMNS="120")
-    hpo = Hpo(home=root / "home", env=env)
+    hpo = make_hpo(root)
     mixed = root / "mixed.toml"
     mixed.write_text(MIXED)
     doomed = root / "doomed.toml"
