@@ -62,7 +62,6 @@ def listening_addresses(port: int) -> set[str]:
 class Ui:
     """A finished study on the embedded default and `hpo ui` serving it."""
 
-    hpo: Hpo
     url: str
     port: int
     printed_link: str  # what `hpo run` told the user to open
@@ -97,7 +96,6 @@ def ui(tmp_path_factory) -> Iterator[Ui]:
         client = MlflowClient(url)
         experiment, (parent,), children = runs_of(client, "tiny")
         yield Ui(
-            hpo=hpo,
             url=url,
             port=port,
             printed_link=links[0],
