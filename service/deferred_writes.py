@@ -49,9 +49,11 @@ class DeferredWrites:
     def __init__(self, *, delay: float) -> None:
         self.delay = delay
         self.lock = threading.RLock()
+        self.wake = threading.Condition(self.lock)  # a writer thread waits on it for ``due``
+        self.due: float | None = None  # by when (time.monotonic) what is held must be written
+        self.writer: threading.Thread | None = None  # the storage's, to write them by ``due``
         self._pending: dict[int, _TrialWrites] = {}
         self._finished: set[int] = set()  # trials found finished (or gone) by a write
-        self.timer: threading.Timer | None = None  # the storage's, to write them by ``delay``
 
     def __bool__(self) -> bool:
         return bool(self._pending)

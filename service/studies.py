@@ -67,6 +67,9 @@ ATTR_EXPERIMENT_TEXT = "hpo.experiment_toml"
 ATTR_TARGET = "hpo.target_trials"  # the study's total, as last asked for
 
 
+WRITER_IDLE = 1.0  # seconds a storage's writer thread waits for held writes before it ends
+
+
 class RetryingRDBStorage(optuna.storages.RDBStorage):
     """Optuna's RDB storage whose calls survive a dropped connection: with ``pool_pre_ping`` a
     stale pooled connection is replaced before use, and a call that still fails because the
@@ -129,7 +132,7 @@ class RetryingRDBStorage(optuna.storages.RDBStorage):
         """From now on, hold the params, reports, and user and system attributes of running
         trials and write them together, in one transaction: before this storage's next other
         call (from any thread, so every read and state change sees them), at :meth:`flush`,
-        and at the latest ``delay`` seconds after the first is held (from a timer's thread).
+        and at the latest ``delay`` seconds after the first is held (from a writer thread).
 
         Optuna commits each of them alone: with a pack's trials reporting side by side, those
         commits cost more than the training. What a process killed meanwhile held is lost; its
@@ -147,20 +150,19 @@ class RetryingRDBStorage(optuna.storages.RDBStorage):
             if not deferred:
                 return
             pending = deferred.take()
-            if deferred.timer is not None:  # nothing is left for it
-                deferred.timer.cancel()
-                deferred.timer = None
+            deferred.due = None
             try:
                 self._write_held(deferred, pending)
             except Exception as exc:
                 if not is_transient(exc):
                     self._write_held_apart(deferred, pending)
                     return
-                deferred.put_back(pending)  # the next call writes them, or the timer
-                self._start_timer(deferred)
+                deferred.put_back(pending)  # the next call writes them, or the writer thread
+                self._write_by(deferred, time.monotonic() + deferred.delay)
                 raise
             except BaseException:
                 deferred.put_back(pending)
+                self._write_by(deferred, time.monotonic() + deferred.delay)
                 raise
 
     def _write_held(self, deferred: DeferredWrites, pending: dict[int, Any]) -> None:
@@ -260,24 +262,48 @@ class RetryingRDBStorage(optuna.storages.RDBStorage):
             self._known.touch(trial_id)
 
     def _flush_later(self, deferred: DeferredWrites) -> None:
-        """Before the first write is held: a timer writes it (and what joins it) by ``delay``."""
+        """Before the first write is held: the writer thread writes it (and what joins it)
+        by ``delay``."""
         if not deferred:
-            if deferred.timer is not None:  # nothing is held for it
-                deferred.timer.cancel()
-            self._start_timer(deferred)
+            self._write_by(deferred, time.monotonic() + deferred.delay)
 
-    def _start_timer(self, deferred: DeferredWrites) -> None:
-        timer = threading.Timer(deferred.delay, self._flush_in_background)
-        timer.daemon = True  # what a process exiting holds is lost, as when it is killed
-        deferred.timer = timer
-        timer.start()
+    def _write_by(self, deferred: DeferredWrites, due: float) -> None:
+        """Have what is held written by ``due`` (holding ``deferred.lock``): by the writer
+        thread, started unless one is there. One thread serves batch after batch: a thread
+        (or timer) of its own for each costs the trainer more than the batch's write, as a
+        pack's trials hold a batch after nearly every call of the storage."""
+        deferred.due = due
+        if deferred.writer is None:
+            deferred.writer = threading.Thread(
+                target=self._write_in_background,
+                args=(deferred,),
+                name="hpo-held-writes",
+                daemon=True,  # what a process exiting holds is lost, as when it is killed
+            )
+            deferred.writer.start()
+        else:
+            deferred.wake.notify()
 
-    def _flush_in_background(self) -> None:
-        try:
-            with tried_once():  # the database is away: the next timer or call tries again
-                self.flush()
-        except Exception as exc:
-            log.warning("could not write trials' params and reports yet: %s", describe(exc))
+    def _write_in_background(self, deferred: DeferredWrites) -> None:
+        """The writer thread: what is held, written when due. With nothing held for
+        :data:`WRITER_IDLE` seconds it ends (it holds the storage; a storage no longer used
+        must go), and the next batch starts another."""
+        with deferred.lock:
+            while True:
+                if deferred.due is None:
+                    if not deferred.wake.wait(WRITER_IDLE) and deferred.due is None:
+                        deferred.writer = None
+                        return
+                    continue
+                wait = deferred.due - time.monotonic()
+                if wait > 0:
+                    deferred.wake.wait(wait)
+                    continue
+                try:
+                    with tried_once():  # the database is away: the next call or due tries again
+                        self.flush()
+                except Exception as exc:
+                    log.warning("could not write trials' params and reports yet: %s", describe(exc))
 
     def _now(self, name: str, *args: Any) -> Any:
         """Optuna's write ``name``, after what is held, tried again while the database is away."""

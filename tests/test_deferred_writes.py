@@ -116,10 +116,10 @@ def test_a_study_ends_as_with_optunas_own_writes_in_a_fraction_of_the_commits(st
     assert drive(later, "later") == expected
     # each trial: 3 params, 5 reports at most, 2 user attributes, each a commit when not held
     assert later_commits.count < now_commits.count / 2
-    # the timer of the last batch went with it (long timers would keep their storages)
+    # the writer thread ends once nothing is held (a thread left waiting keeps its storage)
     deadline = time.monotonic() + 60
-    while any(isinstance(t, threading.Timer) for t in threading.enumerate()):
-        assert time.monotonic() < deadline, "a timer was left waiting"
+    while any(t.name == "hpo-held-writes" for t in threading.enumerate()):
+        assert time.monotonic() < deadline, "a writer thread was left waiting"
         time.sleep(0.05)
 
 
@@ -170,12 +170,17 @@ def test_held_writes_go_out_by_the_delay_with_no_other_call(storage_url):
     mine, theirs = held(open_storage(storage_url), delay=0.2), open_storage(storage_url)
     study = optuna.create_study(study_name="s", storage=mine)
     trial = study.ask()
-    trial.report(0.5, 1)
-    deadline = time.monotonic() + 60  # a bound for a hung test, not a measure of speed
-    while not theirs.get_trial(trial._trial_id).intermediate_values:
-        assert time.monotonic() < deadline, "the held report was never written"
-        time.sleep(0.05)
-    assert theirs.get_trial(trial._trial_id).intermediate_values == {1: 0.5}
+    writers = []
+    for step, value in ((1, 0.5), (2, 0.25)):
+        trial.report(value, step)
+        writers.append(mine._deferred.writer)
+        deadline = time.monotonic() + 60  # a bound for a hung test, not a measure of speed
+        while step not in theirs.get_trial(trial._trial_id).intermediate_values:
+            assert time.monotonic() < deadline, f"the held report of step {step} was never written"
+            time.sleep(0.05)
+    assert theirs.get_trial(trial._trial_id).intermediate_values == {1: 0.5, 2: 0.25}
+    # batch after batch, one thread writes them (within WRITER_IDLE of each other)
+    assert writers[0] is not None and writers[1] is writers[0]
 
 
 def test_writes_of_a_trial_finished_elsewhere_are_dropped_and_later_ones_refused(storage_url):
