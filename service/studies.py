@@ -143,14 +143,17 @@ class RetryingRDBStorage(optuna.storages.RDBStorage):
 
     def flush(self) -> None:
         """Write the held writes now (see :meth:`defer_trial_writes`)."""
-        deferred = self._deferred
-        if deferred is None:
-            return
+        if self._deferred is not None:
+            self._flush(self._deferred)
+
+    def _flush(self, deferred: DeferredWrites) -> None:
         with deferred.lock:
+            deferred.due = None  # written now, or due again below
+            if deferred.writer is not None:
+                deferred.wake.notify()  # its idle count starts now, not at the old due
             if not deferred:
                 return
             pending = deferred.take()
-            deferred.due = None
             try:
                 self._write_held(deferred, pending)
             except Exception as exc:
@@ -242,8 +245,14 @@ class RetryingRDBStorage(optuna.storages.RDBStorage):
             self._now(name, *args)
             return
         with deferred.lock:
-            self._flush_later(deferred)
-            hold(deferred)
+            first = not deferred
+            try:
+                hold(deferred)  # may be refused (a finished trial, not JSON): then nothing is due
+            finally:
+                if deferred and (first or deferred.writer is None):
+                    # the first of a batch; or later ones while no writer serves (its thread
+                    # ended by an error), when the batch's due stands
+                    self._write_by(deferred, deferred.due or time.monotonic() + deferred.delay)
 
     def annotate_trial(self, trial_id: int, key: str, value: Any) -> None:
         """Set a user attribute of the trial whatever its state, in one try: a note made after
@@ -261,49 +270,50 @@ class RetryingRDBStorage(optuna.storages.RDBStorage):
         finally:
             self._known.touch(trial_id)
 
-    def _flush_later(self, deferred: DeferredWrites) -> None:
-        """Before the first write is held: the writer thread writes it (and what joins it)
-        by ``delay``."""
-        if not deferred:
-            self._write_by(deferred, time.monotonic() + deferred.delay)
-
     def _write_by(self, deferred: DeferredWrites, due: float) -> None:
         """Have what is held written by ``due`` (holding ``deferred.lock``): by the writer
         thread, started unless one is there. One thread serves batch after batch: a thread
         (or timer) of its own for each costs the trainer more than the batch's write, as a
         pack's trials hold a batch after nearly every call of the storage."""
         deferred.due = due
-        if deferred.writer is None:
-            deferred.writer = threading.Thread(
-                target=self._write_in_background,
-                args=(deferred,),
-                name="hpo-held-writes",
-                daemon=True,  # what a process exiting holds is lost, as when it is killed
-            )
-            deferred.writer.start()
-        else:
+        writer = deferred.writer
+        if writer is not None and writer.is_alive():  # not alive: a forked child's copy
             deferred.wake.notify()
+            return
+        writer = threading.Thread(
+            target=self._write_in_background,
+            args=(deferred,),
+            name="hpo-held-writes",
+            daemon=True,  # what a process exiting holds is lost, as when it is killed
+        )
+        writer.start()  # it waits for the lock, held here, before it looks
+        deferred.writer = writer
 
     def _write_in_background(self, deferred: DeferredWrites) -> None:
         """The writer thread: what is held, written when due. With nothing held for
         :data:`WRITER_IDLE` seconds it ends (it holds the storage; a storage no longer used
         must go), and the next batch starts another."""
         with deferred.lock:
-            while True:
-                if deferred.due is None:
-                    if not deferred.wake.wait(WRITER_IDLE) and deferred.due is None:
-                        deferred.writer = None
-                        return
-                    continue
-                wait = deferred.due - time.monotonic()
-                if wait > 0:
-                    deferred.wake.wait(wait)
-                    continue
-                try:
-                    with tried_once():  # the database is away: the next call or due tries again
-                        self.flush()
-                except Exception as exc:
-                    log.warning("could not write trials' params and reports yet: %s", describe(exc))
+            try:
+                while True:
+                    if deferred.due is None:
+                        if not deferred.wake.wait(WRITER_IDLE) and deferred.due is None:
+                            return
+                        continue
+                    wait = deferred.due - time.monotonic()
+                    if wait > 0:
+                        deferred.wake.wait(wait)
+                        continue
+                    try:
+                        with tried_once():  # the database is away: due again, by ``delay``
+                            self._flush(deferred)
+                    except Exception as exc:
+                        log.warning(
+                            "could not write trials' params and reports yet: %s", describe(exc)
+                        )
+            finally:  # ended idle, or by an error: the next hold starts another
+                if deferred.writer is threading.current_thread():
+                    deferred.writer = None
 
     def _now(self, name: str, *args: Any) -> Any:
         """Optuna's write ``name``, after what is held, tried again while the database is away."""

@@ -183,6 +183,57 @@ def test_held_writes_go_out_by_the_delay_with_no_other_call(storage_url):
     assert writers[0] is not None and writers[1] is writers[0]
 
 
+def test_held_writes_the_writer_thread_could_not_write_are_written_by_the_next_due(
+    storage_url, caplog
+):
+    """The database was away for the writer thread's write (it failed before its commit):
+    what it took is held again and written by the next due, with no other call."""
+    mine = held(LostAnswers(storage_url, table="trial_intermediate_values", made=False), 0.2)
+    theirs = open_storage(storage_url)
+    study = optuna.create_study(study_name="s", storage=mine)
+    trial = study.ask()
+    mine.lose = 1
+    with caplog.at_level(logging.WARNING, logger="service.studies"):
+        trial.report(0.5, 1)
+        deadline = time.monotonic() + 60  # a bound for a hung test, not a measure of speed
+        while not theirs.get_trial(trial._trial_id).intermediate_values:
+            assert time.monotonic() < deadline, "the held report was never written"
+            time.sleep(0.05)
+    assert mine.lose == 0, "the first write did not fail"
+    assert any("could not write" in r.getMessage() for r in caplog.records)
+    assert theirs.get_trial(trial._trial_id).intermediate_values == {1: 0.5}
+
+
+@pytest.mark.parametrize("refused", ["finished", "not JSON"])
+def test_a_refused_write_leaves_nothing_due(storage_url, refused):
+    """A write refused as it is held (its trial finished; a value JSON cannot hold) with
+    nothing else held: past the delay, the storage's calls go on, and its writer thread ends."""
+    storage = held(open_storage(storage_url), delay=0.1)
+    study = optuna.create_study(study_name="s", storage=storage)
+    running, told = study.ask(), study.ask()
+    study.tell(told, 1.0)
+    with pytest.raises(
+        optuna.exceptions.UpdateFinishedTrialError if refused == "finished" else TypeError
+    ):
+        if refused == "finished":
+            storage.set_trial_intermediate_value(told._trial_id, 1, 0.5)
+        else:
+            storage.set_trial_user_attr(running._trial_id, "k", object())
+    time.sleep(0.3)  # past the delay: a due left by the refused write would have come
+    answered = threading.Event()
+
+    def call() -> None:
+        storage.get_study_id_from_name("s")
+        answered.set()
+
+    threading.Thread(target=call, daemon=True).start()
+    assert answered.wait(60), "the storage's next call never returned"
+    deadline = time.monotonic() + 60
+    while storage._deferred.writer is not None:
+        assert time.monotonic() < deadline, "the writer thread was left running"
+        time.sleep(0.05)
+
+
 def test_writes_of_a_trial_finished_elsewhere_are_dropped_and_later_ones_refused(storage_url):
     """Another worker's reaper failed the trial (its heartbeats were late): its held reports are
     dropped, as Optuna refuses them, and its next report raises as Optuna's would."""
