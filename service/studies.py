@@ -137,7 +137,10 @@ class RetryingRDBStorage(optuna.storages.RDBStorage):
         Optuna commits each of them alone: with a pack's trials reporting side by side, those
         commits cost more than the training. What a process killed meanwhile held is lost; its
         trials are failed and run again anyway. For dialects other than SQLite and PostgreSQL
-        this does nothing."""
+        this does nothing. Like a connection pool, a storage that holds writes is not for a
+        forked child (the fork may copy its lock taken); open one there."""
+        if delay <= 0:  # a write that failed would be due again at once, forever
+            raise ValueError(f"delay={delay!r}: held writes need a delay above 0 seconds")
         if self.engine.dialect.name in UPSERTS:
             self._deferred = DeferredWrites(delay=delay)
 
@@ -249,9 +252,9 @@ class RetryingRDBStorage(optuna.storages.RDBStorage):
             try:
                 hold(deferred)  # may be refused (a finished trial, not JSON): then nothing is due
             finally:
-                if deferred and (first or deferred.writer is None):
+                if deferred and (first or not _serving(deferred)):
                     # the first of a batch; or later ones while no writer serves (its thread
-                    # ended by an error), when the batch's due stands
+                    # ended by an error, or is a forked child's copy), when the due stands
                     self._write_by(deferred, deferred.due or time.monotonic() + deferred.delay)
 
     def annotate_trial(self, trial_id: int, key: str, value: Any) -> None:
@@ -276,8 +279,7 @@ class RetryingRDBStorage(optuna.storages.RDBStorage):
         (or timer) of its own for each costs the trainer more than the batch's write, as a
         pack's trials hold a batch after nearly every call of the storage."""
         deferred.due = due
-        writer = deferred.writer
-        if writer is not None and writer.is_alive():  # not alive: a forked child's copy
+        if _serving(deferred):
             deferred.wake.notify()
             return
         writer = threading.Thread(
@@ -503,6 +505,12 @@ def _first_beat(session: Any, trial_id: int) -> None:
             trial_id=trial_id, heartbeat=sqlalchemy.func.current_timestamp()
         )
     )
+
+
+def _serving(deferred: DeferredWrites) -> bool:
+    """Whether a writer thread serves ``deferred`` (not one that ended, nor a forked child's
+    copy of its parent's)."""
+    return deferred.writer is not None and deferred.writer.is_alive()
 
 
 def _claim_of(storage: RetryingRDBStorage) -> _Claim | None:

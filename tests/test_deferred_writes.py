@@ -204,6 +204,11 @@ def test_held_writes_the_writer_thread_could_not_write_are_written_by_the_next_d
     assert theirs.get_trial(trial._trial_id).intermediate_values == {1: 0.5}
 
 
+def test_a_delay_of_nothing_is_refused(storage_url):
+    with pytest.raises(ValueError, match="delay=0"):
+        open_storage(storage_url).defer_trial_writes(delay=0)
+
+
 @pytest.mark.parametrize("refused", ["finished", "not JSON"])
 def test_a_refused_write_leaves_nothing_due(storage_url, refused):
     """A write refused as it is held (its trial finished; a value JSON cannot hold) with
