@@ -49,12 +49,16 @@ class Run:
     best: float
 
 
+def git(*args: str) -> str:
+    """What a git command in this repository prints, stripped."""
+    return subprocess.run(
+        ["git", "-C", str(ROOT), *args], capture_output=True, text=True, check=True
+    ).stdout.strip()
+
+
 def export(ref: str, into: Path) -> str:
     """The tree of ``ref`` under ``into``; returns its short commit."""
-    commit = subprocess.run(
-        ["git", "-C", str(ROOT), "rev-parse", "--short", f"{ref}^{{commit}}"],
-        capture_output=True, text=True, check=True,
-    ).stdout.strip()  # fmt: skip
+    commit = git("rev-parse", "--short", f"{ref}^{{commit}}")
     archive = subprocess.run(
         ["git", "-C", str(ROOT), "archive", "--format=tar", commit], capture_output=True, check=True
     ).stdout
@@ -128,14 +132,8 @@ def main() -> None:
         root = Path(tmp)
         old_tree = root / "old"
         old = export(args.ref, old_tree)
-        here = subprocess.run(
-            ["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
-            capture_output=True, text=True, check=True,
-        ).stdout.strip()  # fmt: skip
-        dirty = subprocess.run(
-            ["git", "-C", str(ROOT), "status", "--porcelain", "--untracked-files=no"],
-            capture_output=True, text=True, check=True,
-        ).stdout.strip()  # fmt: skip
+        here = git("rev-parse", "--short", "HEAD")
+        dirty = git("status", "--porcelain", "--untracked-files=no")
         new = f"{here}+changes" if dirty else here
         text = args.experiment.read_text()
         text = re.sub(r"(?m)^steps = \d+", f"steps = {args.steps}", text)

@@ -159,15 +159,11 @@ class RetryingRDBStorage(optuna.storages.RDBStorage):
             pending = deferred.take()
             try:
                 self._write_held(deferred, pending)
-            except Exception as exc:
-                if not is_transient(exc):
+            except BaseException as exc:
+                if isinstance(exc, Exception) and not is_transient(exc):
                     self._write_held_apart(deferred, pending)
                     return
                 deferred.put_back(pending)  # the next call writes them, or the writer thread
-                self._write_by(deferred, time.monotonic() + deferred.delay)
-                raise
-            except BaseException:
-                deferred.put_back(pending)
                 self._write_by(deferred, time.monotonic() + deferred.delay)
                 raise
 
